@@ -1,0 +1,243 @@
+/**
+ * One client connection's life: handshake (with a deadline), transmission,
+ * then the end (DISC, a protocol error, the peer vanishing, or server
+ * shutdown). Owns the socket and the export opened for it.
+ *
+ * Status is ordered, so code can say `status < Status.Active`:
+ *   Dead < ClientDone < ShuttingDown < Handshake < Active
+ *
+ * Whatever ends the connection, requests already running finish (their
+ * replies are dropped if the socket is gone) before the export is closed, so
+ * a client vanishing mid-reply neither crashes the server nor leaks a request.
+ */
+import type { Socket } from 'node:net';
+import { NbdProtocolError, describeError } from './errors.js';
+import type { ExportProvider } from './export.js';
+import { negotiate, type HandshakeIO, type HandshakeLimits, type Negotiated } from './handshake.js';
+import { Transmission, type RequestObserver, type TransmissionLimits } from './transmission.js';
+import type { Logger } from '../common/log.js';
+
+export const enum Status { Dead = 0, ClientDone = 1, ShuttingDown = 2, Handshake = 3, Active = 4 }
+
+export interface ConnectionOptions {
+  provider: ExportProvider;
+  handshake: HandshakeLimits;
+  transmission: TransmissionLimits;
+  /** The whole handshake must finish within this time (slowloris guard). */
+  handshakeTimeoutMs: number;
+  log: Logger;
+  shuttingDown(): boolean;
+  observer?: RequestObserver | null;
+  /** Told once when the handshake ends, with the export name or null. */
+  onNegotiated?: (exportName: string | null) => void;
+}
+
+/** Bytes a client may send ahead during the handshake before we stop reading. */
+const HANDSHAKE_READAHEAD = 256 * 1024;
+
+export class Connection implements HandshakeIO {
+  status = Status.Handshake;
+  exportName: string | null = null;
+  private chunks: Buffer[] = [];
+  private buffered = 0;
+  private waiter: { n: number; resolve: (b: Buffer) => void; reject: (e: Error) => void } | null = null;
+  private transmission: Transmission | null = null;
+  private negotiated: Negotiated | null = null;
+  private readonly timer: NodeJS.Timeout;
+  private closedResolve!: () => void;
+  /** Resolves when the socket is closed and the export released. */
+  readonly closed = new Promise<void>((r) => { this.closedResolve = r; });
+  private readonly log: Logger;
+
+  constructor(private readonly socket: Socket, private readonly opts: ConnectionOptions) {
+    this.log = opts.log;
+    this.timer = setTimeout(() => this.handshakeTimeout(), opts.handshakeTimeoutMs);
+    this.timer.unref();
+    socket.on('data', (chunk: Buffer) => this.onData(chunk));
+    socket.on('error', (err) => this.log.debug(`connection: socket: ${err.message}`, { code: (err as NodeJS.ErrnoException).code }));
+    socket.on('close', () => void this.onSocketClose());
+    socket.on('drain', () => this.transmission?.checkPressure());
+    void this.run();
+  }
+
+  // ---------------------------------------------------------- HandshakeIO
+
+  read(n: number): Promise<Buffer> {
+    if (this.status === Status.Dead) return Promise.reject(new NbdProtocolError('peer closed the connection'));
+    if (this.buffered >= n) return Promise.resolve(this.take(n));
+    return new Promise((resolve, reject) => { this.waiter = { n, resolve, reject }; this.socket.resume(); });
+  }
+
+  async skip(n: number): Promise<void> {
+    while (n > 0) {
+      const step = Math.min(n, 64 * 1024);
+      await this.read(step);
+      n -= step;
+    }
+  }
+
+  write(data: Buffer): void {
+    if (!this.socket.destroyed) this.socket.write(data);
+  }
+
+  private take(n: number): Buffer {
+    let out: Buffer;
+    const first = this.chunks[0]!;
+    if (first.length >= n) {
+      out = first.subarray(0, n);
+      if (first.length === n) this.chunks.shift();
+      else this.chunks[0] = first.subarray(n);
+    } else {
+      out = Buffer.allocUnsafe(n);
+      let filled = 0;
+      while (filled < n) {
+        const c = this.chunks[0]!;
+        const k = Math.min(c.length, n - filled);
+        c.copy(out, filled, 0, k);
+        filled += k;
+        if (k === c.length) this.chunks.shift();
+        else this.chunks[0] = c.subarray(k);
+      }
+    }
+    this.buffered -= n;
+    return out;
+  }
+
+  // ------------------------------------------------------------ lifecycle
+
+  private onData(chunk: Buffer): void {
+    if (this.transmission) {
+      this.transmission.onData(chunk);
+      return;
+    }
+    this.chunks.push(chunk);
+    this.buffered += chunk.length;
+    const w = this.waiter;
+    if (w && this.buffered >= w.n) {
+      this.waiter = null;
+      w.resolve(this.take(w.n));
+    } else if (this.buffered > HANDSHAKE_READAHEAD) {
+      this.socket.pause();
+    }
+  }
+
+  private async run(): Promise<void> {
+    let neg: Negotiated | null;
+    try {
+      neg = await negotiate({
+        io: this,
+        provider: this.opts.provider,
+        limits: this.opts.handshake,
+        log: this.log,
+        shuttingDown: this.opts.shuttingDown,
+      });
+    } catch (err) {
+      clearTimeout(this.timer);
+      if (this.status !== Status.Dead) {
+        this.log.warn(`handshake failed: ${describeError(err)}`);
+        this.socket.destroy();
+      }
+      this.opts.onNegotiated?.(null);
+      return;
+    }
+    clearTimeout(this.timer);
+    if (!neg) {
+      // NBD_OPT_ABORT: the client closes; close our side too.
+      this.status = Status.ClientDone;
+      this.opts.onNegotiated?.(null);
+      this.socket.end();
+      return;
+    }
+    this.negotiated = neg;
+    this.exportName = neg.export.name;
+    this.opts.onNegotiated?.(neg.export.name);
+    if (this.status === Status.Dead) {
+      // Peer vanished just as the handshake ended.
+      await this.releaseExport();
+      return;
+    }
+    this.status = Status.Active;
+    const t = new Transmission(this.socket, neg, this.opts.transmission, this.log.child({ export: neg.export.name }),
+      (reason, protocolError) => void this.finish(reason, protocolError));
+    t.observer = this.opts.observer ?? null;
+    this.transmission = t;
+    if (this.opts.shuttingDown()) t.shutdown();
+    const rest = this.chunks;
+    this.chunks = [];
+    this.buffered = 0;
+    for (const c of rest) t.onData(c);
+    this.socket.resume();
+  }
+
+  private handshakeTimeout(): void {
+    if (this.status === Status.Handshake) {
+      this.log.warn(`handshake failed: no export negotiated within ${this.opts.handshakeTimeoutMs} ms`);
+      this.socket.destroy();
+    }
+  }
+
+  /** DISC or a framing error: finish what is running, then close. */
+  private async finish(reason: string, protocolError: boolean): Promise<void> {
+    if (protocolError) {
+      this.log.warn(`connection dropped: ${reason}`);
+      this.status = Status.Dead;
+      this.socket.destroy();
+      return;
+    }
+    this.log.debug(`connection ending: ${reason}`);
+    this.status = Status.ClientDone;
+    this.socket.pause();
+    await this.transmission!.idle();
+    this.socket.end();
+  }
+
+  private async onSocketClose(): Promise<void> {
+    this.status = Status.Dead;
+    clearTimeout(this.timer);
+    const w = this.waiter;
+    if (w) {
+      this.waiter = null;
+      w.reject(new NbdProtocolError('peer closed the connection during the handshake'));
+    }
+    if (this.transmission) await this.transmission.idle();
+    await this.releaseExport();
+  }
+
+  private released = false;
+  private async releaseExport(): Promise<void> {
+    if (this.released) return;
+    if (this.negotiated) {
+      this.released = true;
+      try {
+        await this.negotiated.export.close();
+      } catch (err) {
+        this.log.warn(`closing export ${this.negotiated.export.name}: ${describeError(err)}`, { err });
+      }
+    }
+    if (this.status === Status.Dead) this.closedResolve();
+  }
+
+  /**
+   * Graceful close: in the handshake the connection just ends; in
+   * transmission new requests get ESHUTDOWN, running ones finish, then the
+   * socket closes.
+   */
+  async close(): Promise<void> {
+    if (this.status === Status.Dead) return this.closed;
+    if (this.status !== Status.Active) {
+      this.socket.destroy();
+      return this.closed;
+    }
+    this.status = Status.ShuttingDown;
+    this.transmission!.shutdown();
+    await this.transmission!.idle();
+    this.socket.end();
+    return this.closed;
+  }
+
+  /** Abort: drop the socket now; running requests finish with nowhere to reply. */
+  destroy(): Promise<void> {
+    this.socket.destroy();
+    return this.closed;
+  }
+}

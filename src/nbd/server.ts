@@ -1,0 +1,131 @@
+/**
+ * The NBD server: listeners (TCP and Unix sockets), the set of connections,
+ * the connection cap, and graceful shutdown. Serves whatever the
+ * ExportProvider hands it; knows nothing of volumes.
+ */
+import net from 'node:net';
+import fs from 'node:fs/promises';
+import { Connection } from './connection.js';
+import type { ExportProvider } from './export.js';
+import { DEFAULT_HANDSHAKE_LIMITS, type HandshakeLimits } from './handshake.js';
+import { DEFAULT_TRANSMISSION_LIMITS, type RequestObserver, type TransmissionLimits } from './transmission.js';
+import { silentLogger, type Logger } from '../common/log.js';
+
+export interface NbdServerOptions {
+  provider: ExportProvider;
+  log?: Logger;
+  /** Connections beyond this are closed at once (default 1024). */
+  maxConnections?: number;
+  /** Default 10 s. */
+  handshakeTimeoutMs?: number;
+  handshake?: Partial<HandshakeLimits>;
+  transmission?: Partial<TransmissionLimits>;
+  /** Called after every request (metrics). */
+  observer?: RequestObserver;
+}
+
+export type ListenAddress = { host: string; port: number } | { path: string };
+
+export class NbdServer {
+  private readonly servers: net.Server[] = [];
+  private readonly connections = new Set<Connection>();
+  private stopping = false;
+  private readonly log: Logger;
+  private readonly maxConnections: number;
+  private readonly handshakeTimeoutMs: number;
+  private readonly handshake: HandshakeLimits;
+  private readonly transmission: TransmissionLimits;
+  private readonly unixPaths: string[] = [];
+
+  constructor(private readonly options: NbdServerOptions) {
+    this.log = options.log ?? silentLogger;
+    this.maxConnections = options.maxConnections ?? 1024;
+    this.handshakeTimeoutMs = options.handshakeTimeoutMs ?? 10_000;
+    this.handshake = { ...DEFAULT_HANDSHAKE_LIMITS, ...options.handshake };
+    this.transmission = { ...DEFAULT_TRANSMISSION_LIMITS, ...options.transmission };
+  }
+
+  /** Number of open connections. */
+  get connectionCount(): number {
+    return this.connections.size;
+  }
+
+  /**
+   * Starts listening; resolves with the bound TCP port (useful with port 0) or
+   * the socket path. A stale Unix socket file is replaced.
+   */
+  async listen(addr: ListenAddress): Promise<{ port?: number; path?: string }> {
+    const server = net.createServer({ noDelay: true, keepAlive: true, keepAliveInitialDelay: 30_000 },
+      (socket) => this.accept(socket));
+    server.on('error', (err) => this.log.error(`listener: ${err.message}`, { err }));
+    if ('path' in addr) {
+      await fs.rm(addr.path, { force: true });
+      await listenOn(server, { path: addr.path });
+      await fs.chmod(addr.path, 0o660);
+      this.unixPaths.push(addr.path);
+      this.servers.push(server);
+      this.log.info(`listening on unix:${addr.path}`);
+      return { path: addr.path };
+    }
+    await listenOn(server, { host: addr.host, port: addr.port });
+    this.servers.push(server);
+    const port = (server.address() as net.AddressInfo).port;
+    this.log.info(`listening on ${addr.host}:${port}`);
+    return { port };
+  }
+
+  private accept(socket: net.Socket): void {
+    const peer = socket.remoteAddress ? `${socket.remoteAddress}:${socket.remotePort}` : 'unix';
+    if (this.stopping || this.connections.size >= this.maxConnections) {
+      this.log.warn(`connection refused: ${this.stopping ? 'server shutting down' : `limit of ${this.maxConnections} connections reached`}`, { peer });
+      socket.destroy();
+      return;
+    }
+    const log = this.log.child({ peer });
+    const conn = new Connection(socket, {
+      provider: this.options.provider,
+      handshake: this.handshake,
+      transmission: this.transmission,
+      handshakeTimeoutMs: this.handshakeTimeoutMs,
+      log,
+      shuttingDown: () => this.stopping,
+      observer: this.options.observer ?? null,
+      onNegotiated: (name) => { if (name !== null) log.info(`export ${JSON.stringify(name)} opened`); },
+    });
+    this.connections.add(conn);
+    void conn.closed.then(() => this.connections.delete(conn));
+  }
+
+  /**
+   * Graceful shutdown: stop listening, let running requests finish (new ones
+   * get ESHUTDOWN), close every connection. Connections still open after
+   * `graceMs` are dropped. Idempotent.
+   */
+  async close(graceMs = 10_000): Promise<void> {
+    this.stopping = true;
+    await Promise.all(this.servers.map((s) => new Promise<void>((r) => s.close(() => r()))));
+    this.servers.length = 0;
+    const all = [...this.connections].map((c) => c.close());
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<'timeout'>((r) => { timer = setTimeout(() => r('timeout'), graceMs); });
+    const result = await Promise.race([Promise.all(all), timeout]);
+    clearTimeout(timer);
+    if (result === 'timeout') await this.destroy();
+    await Promise.all(this.unixPaths.splice(0).map((p) => fs.rm(p, { force: true })));
+  }
+
+  /** Drops every connection now. */
+  async destroy(): Promise<void> {
+    this.stopping = true;
+    for (const s of this.servers) s.close();
+    this.servers.length = 0;
+    await Promise.all([...this.connections].map((c) => c.destroy()));
+  }
+}
+
+function listenOn(server: net.Server, opts: net.ListenOptions): Promise<void> {
+  return new Promise((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(opts, () => { server.off('error', reject); resolve(); });
+  });
+}

@@ -1,0 +1,486 @@
+/**
+ * The transmission phase (doc/proto.md, "Transmission"): parse requests from
+ * the socket's chunks, validate each once, run it on the Export, reply.
+ *
+ *   chunk ─▶ HEADER ─(WRITE)─▶ PAYLOAD ─▶ execute ─▶ reply
+ *              │  └─(invalid WRITE)─▶ DISCARD ─▶ error reply
+ *              └─(DISC)─▶ finish in-flight, close
+ *
+ * Requests run concurrently and reply in any order, the cookie echoed as
+ * received. A WRITE payload that lies inside one socket chunk is passed on as a
+ * view (no copy); one that spans chunks is gathered into one buffer. Memory is
+ * bounded: when bytes in flight (payloads held + reads pending + unsent reply
+ * bytes) or requests in flight pass their caps, the socket is paused until
+ * replies drain.
+ *
+ * Validation happens here, once (STYLE habit 4): layers below assert.
+ */
+import {
+  NBD_CMD, NBD_CMD_FLAG_DF, NBD_CMD_FLAG_FAST_ZERO, NBD_CMD_FLAG_FUA, NBD_CMD_FLAG_NO_HOLE,
+  NBD_CMD_FLAG_REQ_ONE, NBD_E, NBD_FLAG_READ_ONLY, NBD_FLAG_SEND_CACHE, NBD_FLAG_SEND_FAST_ZERO,
+  NBD_FLAG_SEND_FLUSH, NBD_FLAG_SEND_FUA, NBD_FLAG_SEND_TRIM, NBD_FLAG_SEND_WRITE_ZEROES,
+  NBD_REPLY_FLAG_DONE, NBD_REQUEST_MAGIC, REQUEST_HEADER_LENGTH, nameOfCmd, nameOfError,
+} from './constants.js';
+import { describeError, nbdErrorOf } from './errors.js';
+import type { Export, Extent, ReadPiece } from './export.js';
+import {
+  encodeBlockStatus, encodeOffsetDataHeader, encodeOffsetHole, encodeSimpleReply,
+  encodeStructuredError, parseRequestHeader, type RequestHeader,
+} from './wire.js';
+import type { Negotiated } from './handshake.js';
+import { BASE_ALLOCATION_ID } from './handshake.js';
+import type { Logger } from '../common/log.js';
+
+export interface TransmissionLimits {
+  /** Largest WRITE payload and READ length accepted (the spec's interoperable default). */
+  maxPayload: number;
+  /** Pause reading when this many bytes are held for requests and unsent replies. */
+  maxInflightBytes: number;
+  /** Pause reading when this many requests are in flight. */
+  maxInflightRequests: number;
+}
+
+export const DEFAULT_TRANSMISSION_LIMITS: TransmissionLimits = {
+  maxPayload: 32 * 1024 * 1024,
+  maxInflightBytes: 128 * 1024 * 1024,
+  maxInflightRequests: 512,
+};
+
+/** What transmission needs of the socket. */
+export interface ReplySink {
+  write(data: Buffer): boolean;
+  cork(): void;
+  uncork(): void;
+  readonly destroyed: boolean;
+  readonly writableLength: number;
+  pause(): unknown;
+  resume(): unknown;
+}
+
+/** Observes each completed request (metrics); called only when set. */
+export type RequestObserver = (cmd: number, bytes: number, error: number, startNs: bigint) => void;
+
+const enum ParseState { Header, Payload, Discard, Stopped }
+
+/** Zeros for holes in simple replies, shared and never written to. */
+const ZEROS = Buffer.alloc(1024 * 1024);
+
+/** Max extents per BLOCK_STATUS reply: keeps replies small; the spec allows 2^20. */
+const MAX_EXTENTS = 4096;
+
+export class Transmission {
+  private state = ParseState.Header;
+  private readonly header = Buffer.allocUnsafe(REQUEST_HEADER_LENGTH);
+  private headerFill = 0;
+  /** The request whose payload is being gathered or discarded. */
+  private pending: RequestHeader | null = null;
+  private pendingError = 0;
+  private payload: Buffer | null = null;
+  private payloadFill = 0;
+  private discardLeft = 0;
+
+  private inflightRequests = 0;
+  private inflightBytes = 0;
+  private paused = false;
+  private corked = false;
+  private stopping = false;
+  private idleWaiters: Array<() => void> = [];
+
+  private readonly exp: Export;
+  private readonly flags: number;
+  private readonly structured: boolean;
+  private readonly baseAllocation: boolean;
+  observer: RequestObserver | null = null;
+
+  constructor(
+    private readonly sink: ReplySink,
+    negotiated: Negotiated,
+    private readonly limits: TransmissionLimits,
+    private readonly log: Logger,
+    /** Called once when the client sent DISC or broke framing: the connection ends. */
+    private readonly onFinish: (reason: string, protocolError: boolean) => void,
+  ) {
+    this.exp = negotiated.export;
+    this.flags = negotiated.transmissionFlags;
+    this.structured = negotiated.structuredReplies;
+    this.baseAllocation = negotiated.baseAllocation;
+  }
+
+  get inFlight(): number {
+    return this.inflightRequests;
+  }
+
+  /** Feeds bytes from the socket. */
+  onData(chunk: Buffer): void {
+    let pos = 0;
+    const len = chunk.length;
+    while (pos < len) {
+      switch (this.state) {
+        case ParseState.Header: {
+          if (this.headerFill === 0 && len - pos >= REQUEST_HEADER_LENGTH) {
+            const h = parseRequestHeader(chunk, pos);
+            pos += REQUEST_HEADER_LENGTH;
+            this.onHeader(h);
+          } else {
+            const n = Math.min(REQUEST_HEADER_LENGTH - this.headerFill, len - pos);
+            chunk.copy(this.header, this.headerFill, pos, pos + n);
+            this.headerFill += n;
+            pos += n;
+            if (this.headerFill === REQUEST_HEADER_LENGTH) {
+              this.headerFill = 0;
+              this.onHeader(parseRequestHeader(this.header, 0));
+            }
+          }
+          break;
+        }
+        case ParseState.Payload: {
+          const req = this.pending!;
+          if (this.payload === null && len - pos >= req.length) {
+            // Whole payload inside this chunk: hand out a view, no copy.
+            const data = chunk.subarray(pos, pos + req.length);
+            pos += req.length;
+            this.state = ParseState.Header;
+            this.pending = null;
+            this.startWrite(req, data);
+          } else {
+            if (this.payload === null) {
+              this.payload = Buffer.allocUnsafe(req.length);
+              this.payloadFill = 0;
+            }
+            const n = Math.min(req.length - this.payloadFill, len - pos);
+            chunk.copy(this.payload, this.payloadFill, pos, pos + n);
+            this.payloadFill += n;
+            pos += n;
+            if (this.payloadFill === req.length) {
+              const data = this.payload;
+              this.payload = null;
+              this.state = ParseState.Header;
+              this.pending = null;
+              this.startWrite(req, data);
+            }
+          }
+          break;
+        }
+        case ParseState.Discard: {
+          const n = Math.min(this.discardLeft, len - pos);
+          this.discardLeft -= n;
+          pos += n;
+          if (this.discardLeft === 0) {
+            const req = this.pending!;
+            this.pending = null;
+            this.state = ParseState.Header;
+            this.replyError(req, this.pendingError, 'invalid request');
+          }
+          break;
+        }
+        case ParseState.Stopped:
+          return;
+      }
+    }
+  }
+
+  /** Stops taking new requests (server shutdown): later ones get ESHUTDOWN. */
+  shutdown(): void {
+    this.stopping = true;
+  }
+
+  /** Resolves when no request is in flight. */
+  idle(): Promise<void> {
+    if (this.inflightRequests === 0) return Promise.resolve();
+    return new Promise((resolve) => this.idleWaiters.push(resolve));
+  }
+
+  // ------------------------------------------------------------ validation
+
+  private onHeader(h: RequestHeader): void {
+    if (h.magic !== NBD_REQUEST_MAGIC) {
+      this.state = ParseState.Stopped;
+      this.onFinish(`bad request magic 0x${h.magic.toString(16)}`, true);
+      return;
+    }
+    if (h.type === NBD_CMD.DISC) {
+      this.state = ParseState.Stopped;
+      this.onFinish('client sent NBD_CMD_DISC', false);
+      return;
+    }
+    const error = this.stopping && h.type !== NBD_CMD.FLUSH ? NBD_E.ESHUTDOWN : this.validate(h);
+    if (h.type === NBD_CMD.WRITE) {
+      if (error !== 0) {
+        if (h.length === 0) {
+          this.replyError(h, error, 'invalid request');
+          return;
+        }
+        // Consume the payload so the stream stays in sync, then reply.
+        this.pending = h;
+        this.pendingError = error;
+        this.discardLeft = h.length;
+        this.state = ParseState.Discard;
+        return;
+      }
+      this.pending = h;
+      this.state = ParseState.Payload;
+      this.inflight(h.length);
+      return;
+    }
+    if (error !== 0) {
+      this.replyError(h, error, 'invalid request');
+      return;
+    }
+    this.execute(h);
+  }
+
+  /** Returns 0 or the NBD error for a request that must not run. */
+  private validate(h: RequestHeader): number {
+    const f = this.flags;
+    const size = this.exp.size;
+    const { type, flags, offset, length } = h;
+    let allowed = f & NBD_FLAG_SEND_FUA ? NBD_CMD_FLAG_FUA : 0;
+    let writes = false;
+    switch (type) {
+      case NBD_CMD.READ:
+        if (this.structured) allowed |= NBD_CMD_FLAG_DF;
+        if (length > this.limits.maxPayload) return NBD_E.EINVAL;
+        break;
+      case NBD_CMD.WRITE:
+        writes = true;
+        if (length > this.limits.maxPayload) return NBD_E.EINVAL;
+        break;
+      case NBD_CMD.FLUSH:
+        if (!(f & NBD_FLAG_SEND_FLUSH)) return NBD_E.EINVAL;
+        if (offset !== 0 || length !== 0) return NBD_E.EINVAL;
+        break;
+      case NBD_CMD.TRIM:
+        if (!(f & NBD_FLAG_SEND_TRIM) && !(f & NBD_FLAG_READ_ONLY)) return NBD_E.EINVAL;
+        writes = true;
+        break;
+      case NBD_CMD.WRITE_ZEROES:
+        if (!(f & NBD_FLAG_SEND_WRITE_ZEROES) && !(f & NBD_FLAG_READ_ONLY)) return NBD_E.EINVAL;
+        allowed |= NBD_CMD_FLAG_NO_HOLE;
+        if (f & NBD_FLAG_SEND_FAST_ZERO) allowed |= NBD_CMD_FLAG_FAST_ZERO;
+        writes = true;
+        break;
+      case NBD_CMD.CACHE:
+        if (!(f & NBD_FLAG_SEND_CACHE)) return NBD_E.EINVAL;
+        break;
+      case NBD_CMD.BLOCK_STATUS:
+        if (!this.baseAllocation) return NBD_E.EINVAL;
+        allowed |= NBD_CMD_FLAG_REQ_ONE;
+        break;
+      default:
+        return NBD_E.EINVAL;
+    }
+    if (flags & ~allowed) return NBD_E.EINVAL;
+    if (writes && f & NBD_FLAG_READ_ONLY) return NBD_E.EPERM;
+    if (type === NBD_CMD.FLUSH) return 0;
+    if (length === 0) return NBD_E.EINVAL;
+    if (offset + length > size) {
+      return type === NBD_CMD.WRITE || type === NBD_CMD.WRITE_ZEROES ? NBD_E.ENOSPC : NBD_E.EINVAL;
+    }
+    const min = this.exp.blockSize.minimum;
+    if (min > 1 && (offset % min !== 0 || length % min !== 0)) return NBD_E.EINVAL;
+    return 0;
+  }
+
+  // ------------------------------------------------------------- execution
+
+  private inflight(bytes: number): void {
+    this.inflightRequests++;
+    this.inflightBytes += bytes;
+    this.checkPressure();
+  }
+
+  private done(bytes: number): void {
+    this.inflightRequests--;
+    this.inflightBytes -= bytes;
+    this.checkPressure();
+    if (this.inflightRequests === 0 && this.idleWaiters.length) {
+      const w = this.idleWaiters;
+      this.idleWaiters = [];
+      for (const fn of w) fn();
+    }
+  }
+
+  /** Pauses the socket above the caps; resumes below half of them. Also called on 'drain'. */
+  checkPressure(): void {
+    const bytes = this.inflightBytes + this.sink.writableLength;
+    if (!this.paused) {
+      if (bytes > this.limits.maxInflightBytes || this.inflightRequests >= this.limits.maxInflightRequests) {
+        this.paused = true;
+        this.sink.pause();
+      }
+    } else if (bytes <= this.limits.maxInflightBytes / 2 && this.inflightRequests < this.limits.maxInflightRequests / 2) {
+      this.paused = false;
+      if (this.state !== ParseState.Stopped) this.sink.resume();
+    }
+  }
+
+  private startWrite(h: RequestHeader, data: Buffer): void {
+    const start = this.observer ? process.hrtime.bigint() : 0n;
+    // inflight() was counted when the header arrived.
+    this.exp.write(h.offset, data, (h.flags & NBD_CMD_FLAG_FUA) !== 0).then(
+      () => { this.replyOk(h); this.finish(h, data.length, 0, start); },
+      (err) => { this.replyFailure(h, err); this.finish(h, data.length, -1, start); },
+    );
+  }
+
+  private finish(h: RequestHeader, held: number, error: number, start: bigint): void {
+    this.done(held);
+    if (this.observer) this.observer(h.type, h.type === NBD_CMD.READ || h.type === NBD_CMD.WRITE ? h.length : 0, error, start);
+  }
+
+  private execute(h: RequestHeader): void {
+    const exp = this.exp;
+    const fua = (h.flags & NBD_CMD_FLAG_FUA) !== 0;
+    const start = this.observer ? process.hrtime.bigint() : 0n;
+    let op: Promise<unknown>;
+    let held = 0;
+    switch (h.type) {
+      case NBD_CMD.READ:
+        held = h.length;
+        this.inflight(held);
+        exp.read(h.offset, h.length).then(
+          (pieces) => { this.replyRead(h, pieces); this.finish(h, held, 0, start); },
+          (err) => { this.replyFailure(h, err); this.finish(h, held, -1, start); },
+        );
+        return;
+      case NBD_CMD.BLOCK_STATUS:
+        this.inflight(0);
+        exp.blockStatus(h.offset, h.length).then(
+          (extents) => { this.replyBlockStatus(h, extents); this.finish(h, 0, 0, start); },
+          (err) => { this.replyFailure(h, err); this.finish(h, 0, -1, start); },
+        );
+        return;
+      case NBD_CMD.FLUSH:
+        op = exp.flush();
+        break;
+      case NBD_CMD.TRIM:
+        op = exp.trim(h.offset, h.length, fua);
+        break;
+      case NBD_CMD.WRITE_ZEROES:
+        op = exp.zero(h.offset, h.length, {
+          fua,
+          noHole: (h.flags & NBD_CMD_FLAG_NO_HOLE) !== 0,
+          fastZero: (h.flags & NBD_CMD_FLAG_FAST_ZERO) !== 0,
+        });
+        break;
+      case NBD_CMD.CACHE:
+        op = exp.cache(h.offset, h.length);
+        break;
+      default:
+        throw new Error(`unreachable: validated command ${h.type}`);
+    }
+    this.inflight(0);
+    op.then(
+      () => { this.replyOk(h); this.finish(h, 0, 0, start); },
+      (err) => { this.replyFailure(h, err); this.finish(h, 0, -1, start); },
+    );
+  }
+
+  // --------------------------------------------------------------- replies
+
+  /** Corks the socket for the rest of this tick so replies leave in one writev. */
+  private out(): ReplySink | null {
+    const s = this.sink;
+    if (s.destroyed) return null;
+    if (!this.corked) {
+      this.corked = true;
+      s.cork();
+      process.nextTick(uncork, this);
+    }
+    return s;
+  }
+
+  /** @internal */
+  uncorkNow(): void {
+    this.corked = false;
+    if (!this.sink.destroyed) this.sink.uncork();
+  }
+
+  private replyOk(h: RequestHeader): void {
+    this.out()?.write(encodeSimpleReply(0, h.cookieHi, h.cookieLo));
+  }
+
+  private replyFailure(h: RequestHeader, err: unknown): void {
+    const code = nbdErrorOf(err, h.flags);
+    this.log.warn(`${nameOfCmd(h.type)}: offset ${h.offset} length ${h.length}: ${describeError(err)}`, {
+      export: this.exp.name, reply: nameOfError(code), err,
+    });
+    this.replyError(h, code, describeError(err));
+  }
+
+  /** Sends an error; READ errors must be structured when structured replies are on. */
+  private replyError(h: RequestHeader, error: number, message: string): void {
+    if (error !== NBD_E.ESHUTDOWN && this.log.enabled('debug')) {
+      this.log.debug(`${nameOfCmd(h.type)}: ${nameOfError(error)}: ${message}`, { offset: h.offset, length: h.length });
+    }
+    const s = this.out();
+    if (!s) return;
+    if (this.structured && (h.type === NBD_CMD.READ || h.type === NBD_CMD.BLOCK_STATUS)) {
+      s.write(encodeStructuredError(NBD_REPLY_FLAG_DONE, h.cookieHi, h.cookieLo, error, message));
+    } else {
+      s.write(encodeSimpleReply(error, h.cookieHi, h.cookieLo));
+    }
+  }
+
+  private replyRead(h: RequestHeader, pieces: ReadPiece[]): void {
+    const s = this.out();
+    if (!s) return;
+    if (!this.structured) {
+      s.write(encodeSimpleReply(0, h.cookieHi, h.cookieLo));
+      for (const p of pieces) {
+        if (p.data) s.write(p.data);
+        else writeZeros(s, p.length);
+      }
+      return;
+    }
+    if (h.flags & NBD_CMD_FLAG_DF && pieces.length !== 1) {
+      // DF: exactly one data chunk; gather the pieces.
+      const all = Buffer.alloc(h.length);
+      for (const p of pieces) if (p.data) p.data.copy(all, p.offset - h.offset);
+      pieces = [{ offset: h.offset, length: h.length, data: all }];
+    }
+    const last = pieces.length - 1;
+    for (let i = 0; i <= last; i++) {
+      const p = pieces[i]!;
+      const flags = i === last ? NBD_REPLY_FLAG_DONE : 0;
+      if (p.data) {
+        s.write(encodeOffsetDataHeader(flags, h.cookieHi, h.cookieLo, p.offset, p.length));
+        s.write(p.data);
+      } else if (h.flags & NBD_CMD_FLAG_DF) {
+        s.write(encodeOffsetDataHeader(flags, h.cookieHi, h.cookieLo, p.offset, p.length));
+        writeZeros(s, p.length);
+      } else {
+        s.write(encodeOffsetHole(flags, h.cookieHi, h.cookieLo, p.offset, p.length));
+      }
+    }
+  }
+
+  private replyBlockStatus(h: RequestHeader, extents: Extent[]): void {
+    if (extents.length === 0 || extents[0]!.length === 0) {
+      this.replyFailure(h, Object.assign(new Error(`export ${this.exp.name}: block status returned no extent`), { code: 'EIO' }));
+      return;
+    }
+    const s = this.out();
+    if (!s) return;
+    let list: Extent[] = extents;
+    if (h.flags & NBD_CMD_FLAG_REQ_ONE) {
+      const e = extents[0]!;
+      list = [{ length: Math.min(e.length, h.length), flags: e.flags }];
+    } else if (list.length > MAX_EXTENTS) {
+      list = list.slice(0, MAX_EXTENTS);
+    }
+    s.write(encodeBlockStatus(NBD_REPLY_FLAG_DONE, h.cookieHi, h.cookieLo, BASE_ALLOCATION_ID, list));
+  }
+}
+
+function uncork(t: Transmission): void {
+  t.uncorkNow();
+}
+
+function writeZeros(s: ReplySink, length: number): void {
+  while (length > 0) {
+    const n = Math.min(length, ZEROS.length);
+    s.write(ZEROS.subarray(0, n));
+    length -= n;
+  }
+}
