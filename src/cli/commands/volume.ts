@@ -1,0 +1,155 @@
+/**
+ * Offline volume commands on a store: create, list, info, remove, rename,
+ * resize. They work on the maps directly (the daemon serves what they make at
+ * once; it opens volumes on demand).
+ */
+import type { CommandModule } from 'yargs';
+import { VolumeMap, listVolumes, removeVolume, renameVolume, DEFAULT_OBJECT_SIZE } from '../../mapper/volume-map.js';
+import { validateVolumeName } from '../../mapper/names.js';
+import { formatSize, parseSize } from '../sizes.js';
+import { printJson, usingStore, withJson, withStore, type JsonArgs, type StoreArgs } from '../common.js';
+
+type Args<T> = T & StoreArgs & JsonArgs;
+
+export const create: CommandModule<object, Args<{ name: string; size: string; 'object-size': string }>> = {
+  command: 'create <name>',
+  describe: 'create an empty volume',
+  builder: (y) => withJson(withStore(y
+    .positional('name', { type: 'string', demandOption: true, describe: 'volume name' })
+    .option('size', { type: 'string', demandOption: true, describe: 'size, e.g. 10G' })
+    .option('object-size', { type: 'string', default: formatSize(DEFAULT_OBJECT_SIZE), describe: 'object size, a power of two from 64K to 64M' }))) as never,
+  handler: async (a) => {
+    validateVolumeName(a.name);
+    const size = parseSize(a.size);
+    const objectSize = parseSize(a['object-size']);
+    await usingStore(a.store, async (s) => {
+      const map = await VolumeMap.create(s.maps, a.name, { size, objectSize });
+      const info = describe(map);
+      await map.close();
+      if (a.json) printJson(info);
+      else process.stdout.write(`created volume ${a.name}: ${formatSize(size)}, objects of ${formatSize(objectSize)}\n`);
+    });
+  },
+};
+
+export const list: CommandModule<object, Args<object>> = {
+  command: 'list',
+  describe: 'list volumes',
+  builder: (y) => withJson(withStore(y)) as never,
+  handler: async (a) => {
+    await usingStore(a.store, async (s) => {
+      const names = await listVolumes(s.maps);
+      if (a.json) {
+        const rows = [];
+        for (const name of names) rows.push(await infoOf(s.maps, name));
+        printJson(rows);
+      } else {
+        for (const name of names) process.stdout.write(`${name}\n`);
+      }
+    });
+  },
+};
+
+export const info: CommandModule<object, Args<{ name: string }>> = {
+  command: 'info <name>',
+  describe: 'show a volume',
+  builder: (y) => withJson(withStore(y.positional('name', { type: 'string', demandOption: true }))) as never,
+  handler: async (a) => {
+    validateVolumeName(a.name);
+    await usingStore(a.store, async (s) => {
+      const i = await infoOf(s.maps, a.name);
+      if (a.json) printJson(i);
+      else {
+        process.stdout.write([
+          `name:         ${i.name}`,
+          `id:           ${i.id}`,
+          `size:         ${formatSize(i.size)} (${i.size} bytes)`,
+          `object size:  ${formatSize(i.objectSize)}`,
+          `generation:   ${i.generation}`,
+          `map chunks:   ${i.mapChunks}`,
+          `created:      ${i.created}`,
+          ...(i.parent ? [`parent:       ${i.parent}`] : []),
+        ].join('\n') + '\n');
+      }
+    });
+  },
+};
+
+export const remove: CommandModule<object, Args<{ name: string }>> = {
+  command: 'remove <name>',
+  aliases: ['rm'],
+  describe: 'remove a volume and the objects only it uses',
+  builder: (y) => withJson(withStore(y.positional('name', { type: 'string', demandOption: true }))) as never,
+  handler: async (a) => {
+    validateVolumeName(a.name);
+    await usingStore(a.store, async (s) => {
+      const r = await removeVolume(s.maps, a.name);
+      if (a.json) printJson({ name: a.name, ...r });
+      else process.stdout.write(`removed volume ${a.name} (${r.removedObjects} objects deleted${r.objectsKeptBecause ? `; objects kept: ${r.objectsKeptBecause}` : ''})\n`);
+    });
+  },
+};
+
+export const rename: CommandModule<object, Args<{ old: string; new: string }>> = {
+  command: 'rename <old> <new>',
+  describe: 'rename a volume',
+  builder: (y) => withStore(y.positional('old', { type: 'string', demandOption: true }).positional('new', { type: 'string', demandOption: true })) as never,
+  handler: async (a) => {
+    validateVolumeName(a.old);
+    validateVolumeName(a.new);
+    await usingStore(a.store, (s) => renameVolume(s.maps, a.old, a.new));
+    process.stdout.write(`renamed volume ${a.old} to ${a.new}\n`);
+  },
+};
+
+export const resize: CommandModule<object, Args<{ name: string; size: string }>> = {
+  command: 'resize <name>',
+  describe: 'grow a volume',
+  builder: (y) => withStore(y.positional('name', { type: 'string', demandOption: true }).option('size', { type: 'string', demandOption: true, describe: 'new size, e.g. 20G' })) as never,
+  handler: async (a) => {
+    validateVolumeName(a.name);
+    const size = parseSize(a.size);
+    await usingStore(a.store, async (s) => {
+      const map = await VolumeMap.open(s.maps, a.name, { forWrite: true });
+      try {
+        await map.resize(size);
+      } finally {
+        await map.close();
+      }
+    });
+    process.stdout.write(`resized volume ${a.name} to ${formatSize(size)}\n`);
+  },
+};
+
+interface VolumeInfo {
+  name: string;
+  id: string;
+  size: number;
+  objectSize: number;
+  generation: number;
+  mapChunks: number;
+  created: string;
+  parent: string | null;
+}
+
+function describe(map: VolumeMap): VolumeInfo {
+  return {
+    name: map.name,
+    id: map.id,
+    size: map.size,
+    objectSize: map.objectSize,
+    generation: map.generation,
+    mapChunks: map.chunkCount,
+    created: map.createdAt.toISOString(),
+    parent: map.parent ? map.parent.name : null,
+  };
+}
+
+async function infoOf(maps: Parameters<typeof VolumeMap.open>[0], name: string): Promise<VolumeInfo> {
+  const map = await VolumeMap.open(maps, name, { forWrite: false });
+  try {
+    return describe(map);
+  } finally {
+    await map.close();
+  }
+}

@@ -1,0 +1,36 @@
+#!/usr/bin/env node
+/**
+ * The `archipelago` command line. One module per command under commands/;
+ * errors print one line "archipelago: what: why" and exit non-zero (2 for
+ * usage errors, 1 for everything else).
+ */
+import yargs from 'yargs';
+import { hideBin } from 'yargs/helpers';
+import { serve } from './commands/serve.js';
+import { create, info, list, remove, rename, resize } from './commands/volume.js';
+
+const USAGE_CODES = new Set(['ARCH_E_USAGE', 'ARCH_E_BAD_NAME', 'ARCH_E_NO_VOLUME', 'ARCH_E_VOLUME_EXISTS']);
+
+try {
+  await yargs(hideBin(process.argv))
+    .scriptName('archipelago')
+    .command(serve)
+    .command(create)
+    .command(list)
+    .command(info)
+    .command(remove)
+    .command(rename)
+    .command(resize)
+    .demandCommand(1, 'name a command (see --help)')
+    .strict()
+    .fail((msg, err) => {
+      throw err ?? Object.assign(new Error(msg), { code: 'ARCH_E_USAGE' });
+    })
+    .help()
+    .version()
+    .parseAsync();
+} catch (err) {
+  const e = err as Error & { code?: string };
+  process.stderr.write(`archipelago: ${e.message}\n`);
+  process.exitCode = e.code && USAGE_CODES.has(e.code) ? 2 : 1;
+}

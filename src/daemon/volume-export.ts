@@ -1,0 +1,105 @@
+/**
+ * Serving volumes over NBD: the ExportProvider that opens volumes by name,
+ * shares one open Volume between every connection to it (so FLUSH on one
+ * connection covers writes on all: CAN_MULTI_CONN), and closes it when the
+ * last connection ends.
+ */
+import { Volume } from '../compose/volume.js';
+import type { Export, ExportCapabilities, ExportListing, ExportProvider } from '../nbd/export.js';
+import { VolumeMap, listVolumes } from '../mapper/volume-map.js';
+import { VolumeNotFoundError } from '../mapper/errors.js';
+import { isValidVolumeName } from '../mapper/names.js';
+import type { Store } from './store.js';
+import type { Logger } from '../common/log.js';
+
+const CAPABILITIES: ExportCapabilities = {
+  flush: true, fua: true, trim: true, zero: true, fastZero: true, cache: true,
+  multiConn: true, blockStatus: true, rotational: false,
+};
+const BLOCK_SIZE = { minimum: 1, preferred: 4096, maximum: 32 * 1024 * 1024 };
+
+interface OpenVolume {
+  opening: Promise<Volume>;
+  refs: number;
+}
+
+export class VolumeProvider implements ExportProvider {
+  private readonly volumes = new Map<string, OpenVolume>();
+
+  constructor(private readonly store: Store, private readonly log: Logger) {}
+
+  async list(): Promise<ExportListing[]> {
+    return (await listVolumes(this.store.maps)).map((name) => ({ name }));
+  }
+
+  async open(name: string): Promise<Export | null> {
+    // Names from the wire are untrusted: anything invalid is simply unknown.
+    if (!isValidVolumeName(name)) return null;
+    let v = this.volumes.get(name);
+    if (!v) {
+      v = { refs: 0, opening: this.openVolume(name) };
+      this.volumes.set(name, v);
+    }
+    v.refs++;
+    let volume: Volume;
+    try {
+      volume = await v.opening;
+    } catch (err) {
+      if (--v.refs === 0 && this.volumes.get(name) === v) this.volumes.delete(name);
+      if (err instanceof VolumeNotFoundError) return null;
+      throw err;
+    }
+    return new VolumeExport(volume, () => this.release(name, v!));
+  }
+
+  private async openVolume(name: string): Promise<Volume> {
+    const map = await VolumeMap.open(this.store.maps, name, { forWrite: true });
+    this.log.info(`volume ${name} opened`, { generation: map.generation, size: map.size });
+    return new Volume(map, this.store.data, false);
+  }
+
+  private async release(name: string, v: OpenVolume): Promise<void> {
+    if (--v.refs > 0) return;
+    if (this.volumes.get(name) === v) this.volumes.delete(name);
+    const volume = await v.opening;
+    await volume.close();
+    this.log.info(`volume ${name} closed`);
+  }
+
+  /** Number of volumes open now. */
+  get openCount(): number {
+    return this.volumes.size;
+  }
+
+  /** Closes every open volume (after the server stopped using them). */
+  async close(): Promise<void> {
+    const all = [...this.volumes.values()];
+    this.volumes.clear();
+    await Promise.allSettled(all.map(async (v) => (await v.opening).close()));
+  }
+}
+
+/** One connection's view of a shared Volume. */
+class VolumeExport implements Export {
+  readonly capabilities = CAPABILITIES;
+  readonly blockSize = BLOCK_SIZE;
+  private closed: Promise<void> | null = null;
+
+  constructor(private readonly volume: Volume, private readonly onClose: () => Promise<void>) {}
+
+  get name(): string { return this.volume.name; }
+  get size(): number { return this.volume.size; }
+  get readOnly(): boolean { return this.volume.readOnly; }
+
+  read(offset: number, length: number) { return this.volume.read(offset, length); }
+  write(offset: number, data: Buffer, fua: boolean) { return this.volume.write(offset, data, fua); }
+  flush() { return this.volume.flush(); }
+  trim(offset: number, length: number, fua: boolean) { return this.volume.trim(offset, length, fua); }
+  zero(offset: number, length: number, o: { fua: boolean; noHole: boolean; fastZero: boolean }) { return this.volume.zero(offset, length, o); }
+  blockStatus(offset: number, length: number) { return this.volume.blockStatus(offset, length); }
+  cache(offset: number, length: number) { return this.volume.cache(offset, length); }
+  close(): Promise<void> {
+    this.closed ??= this.onClose();
+    return this.closed;
+  }
+}
