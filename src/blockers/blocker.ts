@@ -16,6 +16,12 @@
  * Errors: methods reject with `BlockerError` (see errors.ts) carrying one of a
  * small set of errno-style codes. Callers may rely on `ENOENT` for absent
  * objects; everything else is a failure to report.
+ *
+ * Names: 1 to 255 bytes of UTF-8, any characters ('/' and '..' included, they
+ * are not paths); others reject EINVAL. A backend may also reject (EINVAL) a
+ * name it cannot store — the file blocker percent-encodes bytes outside
+ * [A-Za-z0-9._-] and needs the result to fit in 255 bytes. Names made of
+ * [A-Za-z0-9._-] only (all DESIGN.md §3 uses) are accepted everywhere.
  */
 
 export interface BlockerCapabilities {
@@ -58,7 +64,11 @@ export interface Blocker {
   /** Reads a whole object (metadata). Rejects ENOENT when absent. */
   readFull(name: string): Promise<Buffer>;
 
-  /** Makes the range read as zeros, freeing space where possible. The object must exist. */
+  /**
+   * Makes the range read as zeros, freeing space where possible. The object's
+   * size does not change (the part of the range past the end is ignored).
+   * Rejects ENOENT when the object does not exist.
+   */
   punch(name: string, offset: number, length: number): Promise<void>;
 
   /** Deletes the object. Resolves (no error) when it is already absent. */
