@@ -32,6 +32,9 @@ export interface ConnectionOptions {
   onNegotiated?: (exportName: string | null) => void;
 }
 
+/** How long a peer has to close its side after we closed ours. */
+const END_GRACE_MS = 5000;
+
 /** Bytes a client may send ahead during the handshake before we stop reading. */
 const HANDSHAKE_READAHEAD = 256 * 1024;
 
@@ -145,7 +148,7 @@ export class Connection implements HandshakeIO {
       // NBD_OPT_ABORT: the client closes; close our side too.
       this.status = Status.ClientDone;
       this.opts.onNegotiated?.(null);
-      this.socket.end();
+      this.endSocket();
       return;
     }
     this.negotiated = neg;
@@ -186,9 +189,18 @@ export class Connection implements HandshakeIO {
     }
     this.log.debug(`connection ending: ${reason}`);
     this.status = Status.ClientDone;
-    this.socket.pause();
     await this.transmission!.idle();
+    this.endSocket();
+  }
+
+  /**
+   * Half-closes after the last reply, keeps reading (and ignoring) until the
+   * peer closes too, and drops the socket if it never does.
+   */
+  private endSocket(): void {
     this.socket.end();
+    this.socket.resume();
+    setTimeout(() => this.socket.destroy(), END_GRACE_MS).unref();
   }
 
   private async onSocketClose(): Promise<void> {
@@ -231,7 +243,7 @@ export class Connection implements HandshakeIO {
     this.status = Status.ShuttingDown;
     this.transmission!.shutdown();
     await this.transmission!.idle();
-    this.socket.end();
+    this.endSocket();
     return this.closed;
   }
 
