@@ -136,7 +136,7 @@ export class RawFileExport implements Export {
   }
   async blockStatus(_offset: number, length: number): Promise<Extent[]> { return [{ length, flags: 0 }]; }
   async cache(): Promise<void> {}
-  async close(): Promise<void> {}
+  async close(): Promise<void> { await this.fh.close(); }
 }
 
 /** Serves a fixed set of exports; file exports are opened per connection. */
