@@ -1,0 +1,573 @@
+/**
+ * VolumeMap: the in-memory map of one open volume, persisted on a Blocker in
+ * format v1 (docs/format.md).
+ *
+ *   header vol.<name> ──chunk refs──▶ m.<id>.<gen>.<c> ──entries──▶ d.<id>.<gen>.<i>
+ *   (always in memory)               (loaded lazily, small cache)   (the data; compose's job)
+ *
+ * Reads: `lookup(i)` answers synchronously when chunk ⌊i/4096⌋ is loaded or does
+ * not exist; otherwise `lookupAsync`/`ensureChunk` load it. Concurrent loads of
+ * one chunk share one read. Loaded chunks stay cached (LRU, `cacheChunks`);
+ * a chunk with updates queued or in flight is never evicted. A read-only map
+ * works from the header it read at open and does not follow a writer elsewhere
+ * (chunks it has not loaded yet may be newer than that header, which is
+ * allowed); the lock layer reopens maps at a handover (DESIGN.md §4).
+ *
+ * Writes: `setEntries` groups its updates by chunk. Per chunk, one commit runs
+ * at a time; updates arriving meanwhile wait and go out together in the next
+ * commit (group commit). Different chunks commit in parallel. One commit:
+ *
+ *   load chunk ──▶ sync data objects ──▶ write chunk ─┬─ owned ───────────────▶ done
+ *   (if needed)    it will name          (replace)     └─ new or shared ──▶ write header ──▶ done
+ *                  (one sync per batch)                   (new name)         (group commit)
+ *
+ * An owned chunk (ref of our own source with generation ≥ writableSince) is
+ * replaced in place; a shared one (older than writableSince: a snapshot holds
+ * it) or a missing one is written under m.<id>.<currentGen>.<c> and the header
+ * is rewritten to point at it, leaving the shared chunk untouched. Each write
+ * is atomic, and each is issued only after what it points at is durable, so a
+ * crash leaves the old mapping or the new one (docs/format.md §5).
+ *
+ * Validation happens at the edges (nbd, CLI): indexes and entries handed to this
+ * class are asserted, not re-checked (STYLE.md habit 4).
+ *
+ * Imports the blocker contract and the mapper's own modules; nothing above.
+ */
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+
+import type { Blocker } from '../blockers/blocker.js';
+import { CHUNK_ENTRIES, decodeChunk, encodeChunk } from './chunk-format.js';
+import {
+  ENTRY_ABSENT, EntryKind, checkEntryWords, entryGeneration, entryHigh, entryKind, entryLow,
+  entrySource, makeEntry, type MapEntry,
+} from './entry.js';
+import { MapFormatError, UsageError, VolumeExistsError, VolumeNotFoundError } from './errors.js';
+import { GroupCommit } from './group-commit.js';
+import {
+  DEFAULT_OBJECT_SIZE_LOG2, MAX_GENERATION, MAX_OBJECT_SIZE_LOG2, MAX_VOLUME_SIZE,
+  MIN_OBJECT_SIZE_LOG2, VolumeFlags, encodeHeader, objectCountOf,
+  type ChunkRef, type ParentInfo, type VolumeHeader,
+} from './header-format.js';
+import { isNotFound, loadLiveHeader } from './header-store.js';
+import { chunkObjectName, dataObjectName, headerObjectName, validateVolumeName } from './names.js';
+
+export { listVolumes } from './volume-list.js';
+export { removeVolume, type RemoveResult } from './volume-remove.js';
+export { renameVolume } from './volume-rename.js';
+
+export const DEFAULT_OBJECT_SIZE = 2 ** DEFAULT_OBJECT_SIZE_LOG2;
+/** Loaded chunks kept per open volume: 64 × 32 KiB = 2 MiB of RAM, 256 GiB of volume at 4 MiB objects. */
+export const DEFAULT_CACHE_CHUNKS = 64;
+
+export interface CreateOptions {
+  /** Bytes, 0 .. 2^53 − 1. */
+  size: number;
+  /** Bytes, a power of two from 64 KiB to 64 MiB; default 4 MiB. */
+  objectSize?: number;
+  cacheChunks?: number;
+}
+
+export interface OpenOptions {
+  /** Bump and persist the generation, allow setEntries/resize. */
+  forWrite: boolean;
+  cacheChunks?: number;
+}
+
+export interface EntryUpdate {
+  /** Object index, < objectCount. */
+  index: number;
+  /** The new entry (ENTRY_ABSENT to unmap). */
+  entry: MapEntry;
+}
+
+export interface SetEntriesOptions {
+  /**
+   * The caller has already made the data objects durable (e.g. after its own
+   * sync). Otherwise setEntries syncs the owned objects its entries name, in one
+   * call per chunk commit, before the chunk that names them is written.
+   */
+  dataSynced?: boolean;
+}
+
+/** Counters for metrics and tests. */
+export interface VolumeMapStats {
+  chunkLoads: number;
+  chunkWrites: number;
+  /** Chunk writes under a new name (first write of a chunk, or copy of a shared one). */
+  chunkNewNames: number;
+  headerWrites: number;
+  dataSyncs: number;
+  evictions: number;
+}
+
+interface PendingUpdate extends EntryUpdate {
+  sync: boolean;
+}
+
+interface Waiter {
+  resolve: () => void;
+  reject: (err: unknown) => void;
+}
+
+/** One map chunk's in-memory state. */
+class ChunkSlot {
+  /** Committed entries (what the last chunk write holds), or null until loaded. */
+  entries: Float64Array | null = null;
+  loading: Promise<Float64Array> | null = null;
+  /** Updates waiting for the next commit, and who waits for them. */
+  pending: PendingUpdate[] = [];
+  waiters: Waiter[] = [];
+  committing = false;
+  lastUse = 0;
+
+  constructor(readonly index: number) {}
+
+  get idle(): boolean {
+    return this.loading === null && !this.committing && this.pending.length === 0;
+  }
+}
+
+export class VolumeMap {
+  readonly #blocker: Blocker;
+  readonly #name: string;
+  readonly #header: VolumeHeader;
+  /** Chunk refs by chunk index; header.chunkRefs is rebuilt from it at each header write. */
+  readonly #refs: Map<number, ChunkRef>;
+  readonly #writable: boolean;
+  readonly #cacheChunks: number;
+  readonly #slots = new Map<number, ChunkSlot>();
+  readonly #commits = new Set<Promise<void>>();
+  readonly #headerCommit: GroupCommit;
+  readonly #stats: VolumeMapStats = {
+    chunkLoads: 0, chunkWrites: 0, chunkNewNames: 0, headerWrites: 0, dataSyncs: 0, evictions: 0,
+  };
+  #objectCount: number;
+  #tick = 0;
+  #closed = false;
+  #closing: Promise<void> | null = null;
+
+  private constructor(blocker: Blocker, name: string, header: VolumeHeader, writable: boolean, cacheChunks?: number) {
+    this.#blocker = blocker;
+    this.#name = name;
+    this.#header = header;
+    this.#refs = new Map(header.chunkRefs.map((r) => [r.chunkIndex, r]));
+    this.#writable = writable;
+    this.#cacheChunks = Math.max(1, cacheChunks ?? DEFAULT_CACHE_CHUNKS);
+    this.#objectCount = objectCountOf(header.size, header.objectSizeLog2);
+    this.#headerCommit = new GroupCommit(() => this.#writeHeader());
+  }
+
+  /**
+   * Creates volume `name` and returns it open for writing (generation 1).
+   * Fails with InvalidNameError, UsageError (size, objectSize) or
+   * VolumeExistsError. The header is written atomically; nothing else is.
+   *
+   * The existence check and the header write are two steps: two processes
+   * creating the same name at once must be kept apart by the caller (the volume
+   * lock), as the Blocker contract has no exclusive create.
+   */
+  static async create(blocker: Blocker, name: string, options: CreateOptions): Promise<VolumeMap> {
+    validateVolumeName(name);
+    const objectSizeLog2 = objectSizeLog2Of(options.objectSize ?? DEFAULT_OBJECT_SIZE);
+    checkSize(options.size);
+    try {
+      await loadLiveHeader(blocker, name);
+    } catch (err) {
+      if (!(err instanceof VolumeNotFoundError)) throw err;
+      const header = newHeader(options.size, objectSizeLog2);
+      await blocker.replace(headerObjectName(name), encodeHeader(header));
+      return new VolumeMap(blocker, name, header, true, options.cacheChunks);
+    }
+    throw new VolumeExistsError(name);
+  }
+
+  /**
+   * Opens volume `name`. Read-only opens read the header only. `forWrite`
+   * refuses READONLY/SNAPSHOT volumes, then bumps the generation and persists
+   * the header before returning, so every object this session creates has a
+   * name no earlier session used (and any interrupted rename is settled).
+   */
+  static async open(blocker: Blocker, name: string, options: OpenOptions): Promise<VolumeMap> {
+    validateVolumeName(name);
+    // Only a writer settles an interrupted rename; a reader (maybe without the
+    // lock, e.g. a migration target) never writes.
+    const header = await loadLiveHeader(blocker, name, { repair: options.forWrite });
+    if (options.forWrite) {
+      if ((header.flags & (VolumeFlags.READONLY | VolumeFlags.SNAPSHOT)) !== 0) {
+        throw new UsageError(`volume "${name}": is read-only, cannot open it for writing`);
+      }
+      if (header.generation >= MAX_GENERATION) {
+        throw new UsageError(`volume "${name}": generation counter exhausted (${MAX_GENERATION} writable opens)`);
+      }
+      header.generation += 1;
+      await blocker.replace(headerObjectName(name), encodeHeader(header));
+    }
+    return new VolumeMap(blocker, name, header, options.forWrite, options.cacheChunks);
+  }
+
+  // ------------------------------------------------------------ properties
+
+  get name(): string { return this.#name; }
+  /** Volume id, 16 hex digits. */
+  get id(): string { return this.#header.volumeId; }
+  get size(): number { return this.#header.size; }
+  get objectSize(): number { return 2 ** this.#header.objectSizeLog2; }
+  get objectSizeLog2(): number { return this.#header.objectSizeLog2; }
+  get objectCount(): number { return this.#objectCount; }
+  get generation(): number { return this.#header.generation; }
+  get writableSince(): number { return this.#header.writableSince; }
+  /** VolumeFlags bits. */
+  get flags(): number { return this.#header.flags; }
+  /** False when opened read-only (or the volume is read-only). */
+  get writable(): boolean { return this.#writable; }
+  get createdAt(): Date { return new Date(this.#header.createdAt); }
+  get parent(): ParentInfo | null { return this.#header.parent; }
+  get sources(): readonly string[] { return this.#header.sources; }
+  /** Number of map chunks that exist (never-written ranges have none). */
+  get chunkCount(): number { return this.#refs.size; }
+  get stats(): Readonly<VolumeMapStats> { return this.#stats; }
+
+  // ------------------------------------------------------------ lookups
+
+  /**
+   * The entry of object `index`, or undefined when its chunk exists but is not
+   * loaded (then use lookupAsync or ensureChunk). Synchronous and allocation-free.
+   */
+  lookup(index: number): MapEntry | undefined {
+    this.#assertOpen();
+    this.#assertIndex(index);
+    const chunkIndex = Math.floor(index / CHUNK_ENTRIES);
+    const slot = this.#slots.get(chunkIndex);
+    if (slot !== undefined && slot.entries !== null) {
+      slot.lastUse = ++this.#tick;
+      return slot.entries[index - chunkIndex * CHUNK_ENTRIES];
+    }
+    return this.#refs.has(chunkIndex) ? undefined : ENTRY_ABSENT;
+  }
+
+  /** The entry of object `index`, loading its chunk if needed. */
+  async lookupAsync(index: number): Promise<MapEntry> {
+    const entry = this.lookup(index);
+    if (entry !== undefined) return entry;
+    const chunkIndex = Math.floor(index / CHUNK_ENTRIES);
+    const entries = await this.#load(this.#slot(chunkIndex));
+    return entries[index - chunkIndex * CHUNK_ENTRIES]!;
+  }
+
+  /** Loads chunk `chunkIndex` into the cache (no-op when loaded or absent). */
+  async ensureChunk(chunkIndex: number): Promise<void> {
+    this.#assertOpen();
+    if (!this.#refs.has(chunkIndex) || this.#slots.get(chunkIndex)?.entries) return;
+    await this.#load(this.#slot(chunkIndex));
+  }
+
+  /** Name of the data object an entry (kind DATA) names for object `index`. */
+  objectName(entry: MapEntry, index: number): string {
+    assert.equal(entryKind(entry), EntryKind.DATA, 'objectName: entry is not a data entry');
+    const volumeId = this.#header.sources[entrySource(entry)];
+    assert.ok(volumeId !== undefined, 'objectName: entry source outside the sources table');
+    return dataObjectName(volumeId, entryGeneration(entry), index);
+  }
+
+  /**
+   * True when this open volume may write the entry's object in place: a data
+   * object it created itself at or after writableSince. Anything else (absent,
+   * a parent's object, one shared with a snapshot) must be copied on write to
+   * `newObjectName(index)`.
+   */
+  isOwned(entry: MapEntry): boolean {
+    return this.#writable && entryKind(entry) === EntryKind.DATA
+      && entrySource(entry) === this.#header.writerSource
+      && entryGeneration(entry) >= this.#header.writableSince;
+  }
+
+  /** The entry for an object this session creates: our source, current generation. */
+  newEntry(): MapEntry {
+    return makeEntry(EntryKind.DATA, this.#header.writerSource, this.#header.generation);
+  }
+
+  /** Name for a new data object of index `index` (= objectName(newEntry(), index)). */
+  newObjectName(index: number): string {
+    return dataObjectName(this.#header.volumeId, this.#header.generation, index);
+  }
+
+  // ------------------------------------------------------------ updates
+
+  /**
+   * Sets entries and makes them durable: resolves when every update is in a
+   * chunk on storage that the stored header reaches. Updates to one chunk are
+   * committed in call order (a later update of the same index wins); updates
+   * arriving during a commit are merged into the next one. The data objects the
+   * entries name must already be written (see SetEntriesOptions.dataSynced).
+   */
+  async setEntries(updates: readonly EntryUpdate[], options: SetEntriesOptions = {}): Promise<void> {
+    this.#assertWritable();
+    if (updates.length === 0) return;
+    const byChunk = new Map<number, PendingUpdate[]>();
+    for (const u of updates) {
+      this.#assertIndex(u.index);
+      this.#assertEntry(u.entry);
+      const chunkIndex = Math.floor(u.index / CHUNK_ENTRIES);
+      let list = byChunk.get(chunkIndex);
+      if (list === undefined) byChunk.set(chunkIndex, list = []);
+      list.push({ index: u.index, entry: u.entry, sync: options.dataSynced !== true && this.isOwned(u.entry) });
+    }
+    const commits: Promise<void>[] = [];
+    for (const [chunkIndex, list] of byChunk) commits.push(this.#enqueue(chunkIndex, list));
+    await Promise.all(commits);
+  }
+
+  /** Grows the volume to `newSize` bytes (shrinking is refused) and persists the header. */
+  async resize(newSize: number): Promise<void> {
+    this.#assertWritable();
+    checkSize(newSize);
+    if (newSize < this.#header.size) {
+      throw new UsageError(`volume "${this.#name}": cannot shrink from ${this.#header.size} to ${newSize} bytes`);
+    }
+    if (newSize === this.#header.size) return;
+    this.#header.size = newSize;
+    this.#objectCount = objectCountOf(newSize, this.#header.objectSizeLog2);
+    await this.#headerCommit.request();
+  }
+
+  /**
+   * @internal What a snapshot does to its origin (and what tests use to fake
+   * one): after in-flight commits drain, bump the generation and set
+   * writableSince to it, then persist the header. From then on every existing
+   * object and chunk counts as shared, so the next change to each is copied
+   * to a new name and the old one stays as it was. O(1).
+   */
+  async markShared(): Promise<void> {
+    this.#assertWritable();
+    await this.#drain();
+    if (this.#header.generation >= MAX_GENERATION) {
+      throw new UsageError(`volume "${this.#name}": generation counter exhausted`);
+    }
+    this.#header.generation += 1;
+    this.#header.writableSince = this.#header.generation;
+    await this.#headerCommit.request();
+  }
+
+  /** Waits for queued and in-flight commits, then drops the cache. Idempotent. */
+  close(): Promise<void> {
+    this.#closing ??= (async () => {
+      this.#closed = true;
+      await this.#drain();
+      this.#slots.clear();
+    })();
+    return this.#closing;
+  }
+
+  // ------------------------------------------------------------ internals
+
+  #slot(chunkIndex: number): ChunkSlot {
+    let slot = this.#slots.get(chunkIndex);
+    if (slot === undefined) {
+      slot = new ChunkSlot(chunkIndex);
+      this.#slots.set(chunkIndex, slot);
+    }
+    slot.lastUse = ++this.#tick;
+    return slot;
+  }
+
+  /** The slot's entries, reading the chunk once however many callers ask at the same time. */
+  #load(slot: ChunkSlot): Promise<Float64Array> {
+    if (slot.entries !== null) return Promise.resolve(slot.entries);
+    if (slot.loading !== null) return slot.loading;
+    const ref = this.#refs.get(slot.index);
+    if (ref === undefined) {
+      slot.entries = new Float64Array(CHUNK_ENTRIES);
+      this.#trim();
+      return Promise.resolve(slot.entries);
+    }
+    slot.loading = this.#readChunk(ref).then(
+      (entries) => {
+        slot.entries = entries;
+        slot.loading = null;
+        this.#trim();
+        return entries;
+      },
+      (err: unknown) => {
+        slot.loading = null;
+        if (slot.idle) this.#slots.delete(slot.index);
+        throw err;
+      });
+    return slot.loading;
+  }
+
+  async #readChunk(ref: ChunkRef): Promise<Float64Array> {
+    const volumeId = this.#header.sources[ref.source]!;
+    const objectName = chunkObjectName(volumeId, ref.generation, ref.chunkIndex);
+    let buf: Buffer;
+    try {
+      buf = await this.#blocker.readFull(objectName);
+    } catch (err) {
+      if (isNotFound(err)) {
+        throw new MapFormatError(objectName, `missing, but the header of "${this.#name}" references it`, { cause: err });
+      }
+      throw err;
+    }
+    this.#stats.chunkLoads++;
+    return decodeChunk(buf, objectName, { volumeId, generation: ref.generation, chunkIndex: ref.chunkIndex }, {
+      sourceCount: this.#header.sources.length,
+      writerSource: this.#header.writerSource,
+      // A writer holds the lock, so no entry can be newer than its generation.
+      // A reader's header may be older than a chunk the writer rewrote since.
+      generation: this.#writable ? this.#header.generation : MAX_GENERATION,
+    });
+  }
+
+  /** Evicts least recently used idle chunks beyond the cache size. */
+  #trim(): void {
+    if (this.#slots.size <= this.#cacheChunks) return;
+    const idle = [...this.#slots.values()].filter((s) => s.idle).sort((a, b) => a.lastUse - b.lastUse);
+    for (const slot of idle) {
+      if (this.#slots.size <= this.#cacheChunks) break;
+      this.#slots.delete(slot.index);
+      this.#stats.evictions++;
+    }
+  }
+
+  #enqueue(chunkIndex: number, updates: PendingUpdate[]): Promise<void> {
+    const slot = this.#slot(chunkIndex);
+    for (const u of updates) slot.pending.push(u);
+    const done = new Promise<void>((resolve, reject) => slot.waiters.push({ resolve, reject }));
+    if (!slot.committing) {
+      const run = this.#commitLoop(slot);
+      this.#commits.add(run);
+      void run.finally(() => this.#commits.delete(run));
+    }
+    return done;
+  }
+
+  /** Commits the slot's pending updates, batch after batch, until none are left. Never rejects. */
+  async #commitLoop(slot: ChunkSlot): Promise<void> {
+    slot.committing = true;
+    try {
+      while (slot.pending.length > 0) {
+        const batch = slot.pending;
+        const waiters = slot.waiters;
+        slot.pending = [];
+        slot.waiters = [];
+        try {
+          await this.#commitChunk(slot, batch);
+          for (const w of waiters) w.resolve();
+        } catch (err) {
+          for (const w of waiters) w.reject(err);
+        }
+      }
+    } finally {
+      slot.committing = false;
+      this.#trim();
+    }
+  }
+
+  /** One commit of one chunk (the diagram in the file comment). */
+  async #commitChunk(slot: ChunkSlot, batch: PendingUpdate[]): Promise<void> {
+    const entries = await this.#load(slot);
+
+    const toSync: string[] = [];
+    for (const u of batch) if (u.sync) toSync.push(this.objectName(u.entry, u.index));
+    if (toSync.length > 0) {
+      this.#stats.dataSyncs++;
+      await this.#blocker.sync(toSync);
+    }
+
+    const next = entries.slice();
+    const base = slot.index * CHUNK_ENTRIES;
+    for (const u of batch) next[u.index - base] = u.entry;
+
+    const current = this.#refs.get(slot.index);
+    const h = this.#header;
+    const inPlace = current !== undefined && current.source === h.writerSource && current.generation >= h.writableSince;
+    const target: ChunkRef = inPlace ? current : { chunkIndex: slot.index, source: h.writerSource, generation: h.generation };
+    const volumeId = h.sources[target.source]!;
+    await this.#blocker.replace(chunkObjectName(volumeId, target.generation, target.chunkIndex),
+      encodeChunk({ volumeId, generation: target.generation, chunkIndex: target.chunkIndex }, next));
+    this.#stats.chunkWrites++;
+    // From here memory follows the newest chunk object: a later header write
+    // will reach it even if the one below fails.
+    slot.entries = next;
+    if (!inPlace) {
+      this.#stats.chunkNewNames++;
+      this.#refs.set(slot.index, target);
+      await this.#headerCommit.request();
+    }
+  }
+
+  /** One header write of the current state; the state is captured before the first await. */
+  #writeHeader(): Promise<void> {
+    this.#header.chunkRefs = [...this.#refs.values()].sort((a, b) => a.chunkIndex - b.chunkIndex);
+    const buf = encodeHeader(this.#header);
+    this.#stats.headerWrites++;
+    return this.#blocker.replace(headerObjectName(this.#name), buf);
+  }
+
+  async #drain(): Promise<void> {
+    while (this.#commits.size > 0) await Promise.all([...this.#commits]);
+    await this.#headerCommit.idle();
+  }
+
+  #assertOpen(): void {
+    if (this.#closed) throw new UsageError(`volume "${this.#name}": map is closed`);
+  }
+
+  #assertWritable(): void {
+    this.#assertOpen();
+    if (!this.#writable) throw new UsageError(`volume "${this.#name}": map is open read-only`);
+  }
+
+  #assertIndex(index: number): void {
+    // Hot path (every lookup): test first, build the message only on failure.
+    if (!(Number.isInteger(index) && index >= 0 && index < this.#objectCount)) {
+      assert.fail(`object index ${index} outside volume "${this.#name}" (${this.#objectCount} objects)`);
+    }
+  }
+
+  #assertEntry(entry: MapEntry): void {
+    if (entry === ENTRY_ABSENT) return;
+    assert.ok(Number.isSafeInteger(entry) && entry > 0, `bad map entry ${entry}`);
+    const why = checkEntryWords(entryLow(entry), entryHigh(entry), this.#header.sources.length);
+    assert.ok(why === null, `bad map entry ${entry}: ${why}`);
+    assert.ok(entrySource(entry) !== this.#header.writerSource || entryGeneration(entry) <= this.#header.generation,
+      `bad map entry ${entry}: generation newer than the volume's`);
+  }
+}
+
+// ------------------------------------------------------------ helpers
+
+function newHeader(size: number, objectSizeLog2: number): VolumeHeader {
+  let volumeId: string;
+  do volumeId = randomBytes(8).toString('hex'); while (volumeId === '0000000000000000');
+  return {
+    flags: 0,
+    volumeId,
+    size,
+    objectSizeLog2,
+    generation: 1,
+    writableSince: 1,
+    createdAt: Date.now(),
+    sources: [volumeId],
+    writerSource: 0,
+    parent: null,
+    renameTo: null,
+    renamedFrom: null,
+    chunkRefs: [],
+  };
+}
+
+function objectSizeLog2Of(objectSize: number): number {
+  const log2 = Math.log2(objectSize);
+  if (!Number.isInteger(log2) || log2 < MIN_OBJECT_SIZE_LOG2 || log2 > MAX_OBJECT_SIZE_LOG2) {
+    throw new UsageError(`object size ${objectSize}: must be a power of two from `
+      + `${2 ** MIN_OBJECT_SIZE_LOG2} (64 KiB) to ${2 ** MAX_OBJECT_SIZE_LOG2} (64 MiB)`);
+  }
+  return log2;
+}
+
+function checkSize(size: number): void {
+  if (!Number.isSafeInteger(size) || size < 0 || size > MAX_VOLUME_SIZE) {
+    throw new UsageError(`volume size ${size}: must be a whole number of bytes from 0 to ${MAX_VOLUME_SIZE}`);
+  }
+}
