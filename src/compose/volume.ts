@@ -99,6 +99,7 @@ export class Volume {
 
   async write(offset: number, data: Buffer, fua: boolean): Promise<void> {
     this.assertWritable(offset, data.length);
+    if (!this.map.writable) await this.beginWrites();
     const extents = splitRange(offset, data.length, this.objectSize);
     const names = await Promise.all(extents.map((e) => this.writeExtent(e, data.subarray(e.requestOffset, e.requestOffset + e.length))));
     if (fua) await this.syncNames(names.filter((n): n is string => n !== null));
@@ -122,6 +123,15 @@ export class Volume {
       this.gates.releaseShared(e.index);
     }
     return this.remap(e, data);
+  }
+
+  /** The first change opens the map for writing (bumps its generation). */
+  private async beginWrites(): Promise<void> {
+    try {
+      await this.map.beginWrites();
+    } catch (err) {
+      throw composeError(err, `volume ${this.name}: open for writing`);
+    }
   }
 
   private async writeInPlace(name: string, offset: number, data: Buffer): Promise<void> {
@@ -185,6 +195,7 @@ export class Volume {
 
   async zero(offset: number, length: number, o: ZeroOptions): Promise<void> {
     this.assertWritable(offset, length);
+    if (!this.map.writable) await this.beginWrites();
     const extents = splitRange(offset, length, this.objectSize);
     if (o.fastZero && !(await this.canZeroFast(extents, o.noHole))) {
       throw new ComposeError('ENOTSUP', `volume ${this.name}: zeroing ${length} bytes at ${offset} needs writes`);

@@ -53,7 +53,9 @@ export class VolumeProvider implements ExportProvider {
   }
 
   private async openVolume(name: string): Promise<Volume> {
-    const map = await VolumeMap.open(this.store.maps, name, { forWrite: true });
+    // Read-only until the first write (Volume calls map.beginWrites()), so
+    // clients that only look never write metadata.
+    const map = await VolumeMap.open(this.store.maps, name, { forWrite: false });
     this.log.info(`volume ${name} opened`, { generation: map.generation, size: map.size });
     return new Volume(map, this.store.data, false);
   }

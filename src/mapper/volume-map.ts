@@ -134,7 +134,8 @@ export class VolumeMap {
   readonly #header: VolumeHeader;
   /** Chunk refs by chunk index; header.chunkRefs is rebuilt from it at each header write. */
   readonly #refs: Map<number, ChunkRef>;
-  readonly #writable: boolean;
+  #writable: boolean;
+  #beginning: Promise<void> | null = null;
   readonly #cacheChunks: number;
   readonly #slots = new Map<number, ChunkSlot>();
   readonly #commits = new Set<Promise<void>>();
@@ -204,6 +205,39 @@ export class VolumeMap {
       await blocker.replace(headerObjectName(name), encodeHeader(header));
     }
     return new VolumeMap(blocker, name, header, options.forWrite, options.cacheChunks);
+  }
+
+  /**
+   * Turns a read-only open into a writable one, as open({forWrite: true})
+   * would have, at the moment the first write needs it: the daemon opens
+   * volumes read-only so that clients that only look (NBD_OPT_INFO, reads,
+   * a migration target) never write metadata. Re-reads the header first (a
+   * writer elsewhere may have moved it on), drops what was cached if it
+   * changed, then bumps and persists the generation. Idempotent; concurrent
+   * calls share one upgrade; a failed upgrade can be retried.
+   */
+  beginWrites(): Promise<void> {
+    if (this.#writable) return Promise.resolve();
+    this.#assertOpen();
+    this.#beginning ??= (async () => {
+      const header = await loadLiveHeader(this.#blocker, this.#name, { repair: true });
+      if ((header.flags & (VolumeFlags.READONLY | VolumeFlags.SNAPSHOT)) !== 0) {
+        throw new UsageError(`volume "${this.#name}": is read-only, cannot open it for writing`);
+      }
+      if (header.generation >= MAX_GENERATION) {
+        throw new UsageError(`volume "${this.#name}": generation counter exhausted (${MAX_GENERATION} writable opens)`);
+      }
+      header.generation += 1;
+      await this.#blocker.replace(headerObjectName(this.#name), encodeHeader(header));
+      // Nothing is queued (we were read-only): adopt the stored header whole.
+      Object.assign(this.#header, header);
+      this.#refs.clear();
+      for (const r of header.chunkRefs) this.#refs.set(r.chunkIndex, r);
+      this.#slots.clear();
+      this.#objectCount = objectCountOf(header.size, header.objectSizeLog2);
+      this.#writable = true;
+    })().finally(() => { this.#beginning = null; });
+    return this.#beginning;
   }
 
   // ------------------------------------------------------------ properties
