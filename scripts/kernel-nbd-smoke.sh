@@ -58,6 +58,7 @@ if [ -n "${GUEST_LOG:-}" ]; then
   mkdir -p "$(dirname "$LOG")"
 else
   mkdir -p "$WORK/runs"
+  find "$WORK/runs" -type f -mtime +1 -delete 2>/dev/null || true
   LOG="$(mktemp "$WORK/runs/serial.XXXXXX.log")"
 fi
 : >"$LOG"
