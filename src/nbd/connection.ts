@@ -211,7 +211,10 @@ export class Connection implements HandshakeIO {
       this.waiter = null;
       w.reject(new NbdProtocolError('peer closed the connection during the handshake'));
     }
-    if (this.transmission) await this.transmission.idle();
+    if (this.transmission) {
+      this.transmission.abandon();
+      await this.transmission.idle();
+    }
     await this.releaseExport();
   }
 

@@ -82,6 +82,8 @@ export class Transmission {
   private inflightRequests = 0;
   private inflightBytes = 0;
   private paused = false;
+  /** Bytes received while paused (already read from the kernel), parsed on resume. */
+  private backlog: Buffer[] = [];
   private corked = false;
   private stopping = false;
   private idleWaiters: Array<() => void> = [];
@@ -115,6 +117,13 @@ export class Transmission {
     let pos = 0;
     const len = chunk.length;
     while (pos < len) {
+      if (this.paused && this.state !== ParseState.Stopped) {
+        // Over the caps: start no more requests until replies drain, even
+        // from bytes already received (one chunk can hold thousands of headers).
+        this.backlog.push(pos === 0 ? chunk : chunk.subarray(pos));
+        this.sink.pause();
+        return;
+      }
       switch (this.state) {
         case ParseState.Header: {
           if (this.headerFill === 0 && len - pos >= REQUEST_HEADER_LENGTH) {
@@ -182,6 +191,20 @@ export class Transmission {
   /** Stops taking new requests (server shutdown): later ones get ESHUTDOWN. */
   shutdown(): void {
     this.stopping = true;
+  }
+
+  /**
+   * The peer is gone: parse nothing more, and drop a WRITE whose payload will
+   * never arrive (it was counted in flight when its header came), so idle()
+   * can resolve.
+   */
+  abandon(): void {
+    const req = this.state === ParseState.Payload ? this.pending : null;
+    this.state = ParseState.Stopped;
+    this.pending = null;
+    this.payload = null;
+    this.backlog = [];
+    if (req) this.done(req.length);
   }
 
   /** Resolves when no request is in flight. */
@@ -310,7 +333,12 @@ export class Transmission {
       }
     } else if (bytes <= this.limits.maxInflightBytes / 2 && this.inflightRequests < this.limits.maxInflightRequests / 2) {
       this.paused = false;
-      if (this.state !== ParseState.Stopped) this.sink.resume();
+      if (this.state !== ParseState.Stopped) {
+        this.sink.resume();
+        const backlog = this.backlog;
+        this.backlog = [];
+        for (const c of backlog) this.onData(c);
+      }
     }
   }
 
