@@ -11,10 +11,14 @@ export class ComposeError extends Error {
   }
 }
 
-/** Wraps a lower-layer failure with where it happened, keeping its errno code. */
+/**
+ * Wraps a lower-layer failure with where it happened, keeping its errno code,
+ * except ENOENT: compose only touches objects the map names, so a missing one
+ * is corruption (EIO), never "no such file" (nor zeros).
+ */
 export function composeError(err: unknown, what: string): ComposeError {
   const code = (err as { code?: unknown } | null)?.code;
-  const errno = typeof code === 'string' && /^E[A-Z]+$/.test(code) ? code : 'EIO';
+  const errno = typeof code === 'string' && /^E[A-Z]+$/.test(code) && code !== 'ENOENT' ? code : 'EIO';
   const why = err instanceof Error ? err.message : String(err);
   return new ComposeError(errno, `${what}: ${why}`, { cause: err });
 }

@@ -53,6 +53,13 @@ export class Volume {
   /** Syncs under way, each covering the writes dirty when its flush began. */
   private readonly flushes = new Set<Promise<void>>();
   private closing: Promise<void> | null = null;
+  /**
+   * Names of this generation's objects that may exist although the map does
+   * not point at them (a failed allocation, a failed remove). A name repeats
+   * when its index is allocated again in the same generation, so such an
+   * object is removed first: writing into it would resurrect stale bytes.
+   */
+  private readonly strays = new Set<string>();
   readonly objectSize: number;
 
   constructor(readonly map: VolumeMap, private readonly data: Blocker, readonly readOnly: boolean) {
@@ -159,6 +166,10 @@ export class Volume {
       }
       const target = this.map.newObjectName(e.index);
       try {
+        if (this.strays.has(target)) {
+          await this.data.remove(target);
+          this.strays.delete(target);
+        }
         if (entry === ENTRY_ABSENT || e.whole) {
           // Sparse objects: bytes around the extent read as zeros.
           await this.data.write(target, e.offset, data ?? zeros(e.length));
@@ -171,6 +182,7 @@ export class Volume {
         // setEntries syncs `target` before the chunk that names it is written.
         await this.map.setEntries([{ index: e.index, entry: this.map.newEntry() }]);
       } catch (err) {
+        this.strays.add(target);
         throw composeError(err, `volume ${this.name}: allocate object ${target}`);
       }
       return null;
@@ -265,8 +277,9 @@ export class Volume {
       this.stats.unmaps++;
       if (owned) {
         this.dirty.delete(name);
-        // The map no longer points here; a failure only leaves an orphan for GC.
-        await this.data.remove(name).catch(() => undefined);
+        // The map no longer points here; a failure leaves an orphan for GC
+        // (removed again before its name is reused: see `strays`).
+        await this.data.remove(name).catch(() => { this.strays.add(name); });
       }
     } finally {
       this.gates.releaseExclusive(index);

@@ -378,9 +378,18 @@ export class VolumeMap {
     if (this.#header.generation >= MAX_GENERATION) {
       throw new UsageError(`volume "${this.#name}": generation counter exhausted`);
     }
+    const { generation, writableSince } = this.#header;
     this.#header.generation += 1;
     this.#header.writableSince = this.#header.generation;
-    await this.#headerCommit.request();
+    try {
+      await this.#headerCommit.request();
+    } catch (err) {
+      // Not durable: step back, or objects named after this generation could
+      // outlive a crash and be reused by the next open (which bumps the stored one).
+      this.#header.generation = generation;
+      this.#header.writableSince = writableSince;
+      throw err;
+    }
   }
 
   /** Waits for queued and in-flight commits, then drops the cache. Idempotent. */
