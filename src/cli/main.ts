@@ -31,6 +31,8 @@ try {
     .parseAsync();
 } catch (err) {
   const e = err as Error & { code?: string };
-  process.stderr.write(`archipelago: ${e.message}\n`);
+  // Damaged metadata must read as such, whatever the decoder's detail says.
+  const what = e.code === 'ARCH_E_MAP_CORRUPT' ? 'corrupt volume metadata: ' : '';
+  process.stderr.write(`archipelago: ${what}${e.message}\n`);
   process.exitCode = e.code && USAGE_CODES.has(e.code) ? 2 : 1;
 }

@@ -103,7 +103,10 @@ export class NbdServer {
    */
   async close(graceMs = 10_000): Promise<void> {
     this.stopping = true;
-    await Promise.all(this.servers.map((s) => new Promise<void>((r) => s.close(() => r()))));
+    // net.Server#close calls back only once every accepted socket has closed:
+    // stop listening now, but wait for that after closing the connections
+    // (awaiting it first hung for as long as any client stayed connected).
+    const listeners = this.servers.map((s) => new Promise<void>((r) => s.close(() => r())));
     this.servers.length = 0;
     const all = [...this.connections].map((c) => c.close());
     let timer: NodeJS.Timeout | undefined;
@@ -111,6 +114,7 @@ export class NbdServer {
     const result = await Promise.race([Promise.all(all), timeout]);
     clearTimeout(timer);
     if (result === 'timeout') await this.destroy();
+    await Promise.all(listeners);
     await Promise.all(this.unixPaths.splice(0).map((p) => fs.rm(p, { force: true })));
   }
 
