@@ -24,6 +24,7 @@
 import assert from 'node:assert/strict';
 import type { Blocker, BlockerCapabilities, ObjectStat } from './blocker.js';
 import { BlockerError, checkObjectName, type BlockerErrorCode } from './errors.js';
+import { mulberry32 } from '../common/prng.js';
 
 export type MemoryOp = 'read' | 'write' | 'replace' | 'readFull' | 'punch' | 'remove' | 'stat' | 'list' | 'sync';
 
@@ -258,14 +259,3 @@ function persist(disk: MemoryDisk, name: string): void {
   else disk.durable.delete(name);
 }
 
-/** A small seeded PRNG (mulberry32): uniform in [0, 1). */
-function mulberry32(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}

@@ -25,6 +25,7 @@ import {
   infoRequestData, metaContextData, optionRequest, parseInfoReply, requestHeader,
 } from './nbd-encoder.js';
 import { RawClient, assembleRead, errorOf } from './nbd-raw-client.js';
+import { mulberry32u32 } from '../../src/common/prng.js';
 
 export interface FuzzOptions {
   port: number;
@@ -79,14 +80,8 @@ export class FuzzFailure extends Error {
 
 /** mulberry32: small, fast, good enough for fuzzing, reproducible from a u32. */
 export class Rng {
-  private s: number;
-  constructor(seed: number) { this.s = seed >>> 0; }
-  u32(): number {
-    let z = (this.s = (this.s + 0x6d2b79f5) >>> 0);
-    z = Math.imul(z ^ (z >>> 15), z | 1);
-    z ^= z + Math.imul(z ^ (z >>> 7), z | 61);
-    return (z ^ (z >>> 14)) >>> 0;
-  }
+  readonly u32: () => number;
+  constructor(seed: number) { this.u32 = mulberry32u32(seed); }
   /** Integer in [0, n). */
   int(n: number): number { return Math.floor((this.u32() / 0x1_0000_0000) * n); }
   chance(p: number): boolean { return this.u32() / 0x1_0000_0000 < p; }

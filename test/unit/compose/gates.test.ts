@@ -6,6 +6,7 @@
  */
 import t from 'tap';
 import { ObjectGates } from '../../../src/compose/gates.js';
+import { mulberry32 } from '../../../src/common/prng.js';
 
 /** Lets every queued promise continuation run. */
 function settle(): Promise<void> {
@@ -19,16 +20,6 @@ function track(p: Promise<void> | undefined): { granted: boolean } {
   return s;
 }
 
-function mulberry32(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let x = a;
-    x = Math.imul(x ^ (x >>> 15), x | 1);
-    x ^= x + Math.imul(x ^ (x >>> 7), x | 61);
-    return ((x ^ (x >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 t.test('shared holders run together; a free gate is deleted', async (t) => {
   const g = new ObjectGates();

@@ -36,6 +36,7 @@ import { MemoryBlocker } from '../../../src/blockers/memory.js';
 import { Volume } from '../../../src/compose/volume.js';
 import type { ReadPiece } from '../../../src/compose/types.js';
 import { VolumeMap } from '../../../src/mapper/volume-map.js';
+import { mulberry32 } from '../../../src/common/prng.js';
 
 const OBJ = 64 * 1024;
 const OBJECTS = 16;
@@ -129,16 +130,6 @@ class PowerRail implements Blocker {
 
 // ------------------------------------------------------------ helpers
 
-function mulberry32(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let x = a;
-    x = Math.imul(x ^ (x >>> 15), x | 1);
-    x ^= x + Math.imul(x ^ (x >>> 7), x | 61);
-    return ((x ^ (x >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 const ZERO_SECTOR_HASH = hash(Buffer.alloc(SECTOR));
 

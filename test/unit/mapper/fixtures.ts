@@ -6,6 +6,7 @@
  */
 import { crc32 } from 'node:zlib';
 import type { VolumeHeader } from '../../../src/mapper/header-format.js';
+import { mulberry32 } from '../../../src/common/prng.js';
 
 export interface FixtureHeader {
   flags?: number;
@@ -91,17 +92,6 @@ export function fixCrc(b: Buffer): Buffer {
   return b;
 }
 
-/** mulberry32: a small seeded PRNG, uniform in [0, 1). */
-export function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 export function randomId(rand: () => number): string {
   let id = '';
@@ -154,3 +144,6 @@ export function randomHeader(rand: () => number): VolumeHeader {
     chunkRefs,
   };
 }
+
+/** A small seeded PRNG, uniform in [0, 1). */
+export const prng = mulberry32;
