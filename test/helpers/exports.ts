@@ -5,6 +5,7 @@
 import fs from 'node:fs/promises';
 import { ExtentFlags, type Export, type ExportCapabilities, type ExportListing, type ExportProvider, type Extent, type ReadPiece, type ZeroOptions } from '../../src/nbd/export.js';
 import { ExportError } from '../../src/nbd/errors.js';
+import { splitRange } from '../../src/compose/extents.js';
 
 const ALL_CAPS: ExportCapabilities = {
   flush: true, fua: true, trim: true, zero: true, fastZero: true, cache: true,
@@ -20,61 +21,37 @@ export class MemoryStore {
   constructor(readonly size: number) {}
 
   read(offset: number, length: number): ReadPiece[] {
-    const P = MemoryStore.PAGE;
     const pieces: ReadPiece[] = [];
-    let pos = offset;
-    const end = offset + length;
-    while (pos < end) {
-      const page = Math.floor(pos / P);
-      const inPage = pos - page * P;
-      const n = Math.min(P - inPage, end - pos);
-      const buf = this.pages.get(page);
+    for (const e of splitRange(offset, length, MemoryStore.PAGE)) {
+      const at = offset + e.requestOffset;
+      const buf = this.pages.get(e.index);
       const last = pieces[pieces.length - 1];
-      if (buf) {
-        pieces.push({ offset: pos, length: n, data: buf.subarray(inPage, inPage + n) });
-      } else if (last && !last.data) {
-        last.length += n;
-      } else {
-        pieces.push({ offset: pos, length: n });
-      }
-      pos += n;
+      // Copy data out so later writes cannot change a reply being sent.
+      if (buf) pieces.push({ offset: at, length: e.length, data: Buffer.from(buf.subarray(e.offset, e.offset + e.length)) });
+      else if (last && !last.data) last.length += e.length;
+      else pieces.push({ offset: at, length: e.length });
     }
-    // Copy data out so later writes cannot change a reply being sent.
-    return pieces.map((p) => (p.data ? { ...p, data: Buffer.from(p.data) } : p));
+    return pieces;
   }
 
   write(offset: number, data: Buffer): void {
-    const P = MemoryStore.PAGE;
-    let pos = 0;
-    while (pos < data.length) {
-      const abs = offset + pos;
-      const page = Math.floor(abs / P);
-      const inPage = abs - page * P;
-      const n = Math.min(P - inPage, data.length - pos);
-      let buf = this.pages.get(page);
+    for (const e of splitRange(offset, data.length, MemoryStore.PAGE)) {
+      let buf = this.pages.get(e.index);
       if (!buf) {
-        buf = Buffer.alloc(P);
-        this.pages.set(page, buf);
+        buf = Buffer.alloc(MemoryStore.PAGE);
+        this.pages.set(e.index, buf);
       }
-      data.copy(buf, inPage, pos, pos + n);
-      pos += n;
+      data.copy(buf, e.offset, e.requestOffset, e.requestOffset + e.length);
     }
   }
 
   /** Zeros a range; whole pages become holes unless `keep`. */
   zero(offset: number, length: number, keep: boolean): void {
-    const P = MemoryStore.PAGE;
-    let pos = offset;
-    const end = offset + length;
-    while (pos < end) {
-      const page = Math.floor(pos / P);
-      const inPage = pos - page * P;
-      const n = Math.min(P - inPage, end - pos);
-      const buf = this.pages.get(page);
-      if (n === P && !keep) this.pages.delete(page);
-      else if (buf) buf.fill(0, inPage, inPage + n);
-      else if (keep) this.write(pos, Buffer.alloc(n));
-      pos += n;
+    for (const e of splitRange(offset, length, MemoryStore.PAGE)) {
+      const buf = this.pages.get(e.index);
+      if (e.whole && !keep) this.pages.delete(e.index);
+      else if (buf) buf.fill(0, e.offset, e.offset + e.length);
+      else if (keep) this.write(offset + e.requestOffset, Buffer.alloc(e.length));
     }
   }
 
