@@ -55,6 +55,8 @@ import { chunkObjectName, dataObjectName, headerObjectName, validateVolumeName }
 export { listVolumes } from './volume-list.js';
 export { removeVolume, type RemoveResult } from './volume-remove.js';
 export { renameVolume } from './volume-rename.js';
+export { createSnapshot, snapshotVolume, type SnapshotResult } from './snapshot-create.js';
+export { cloneSnapshot, type CloneOptions, type CloneResult } from './clone-create.js';
 
 export const DEFAULT_OBJECT_SIZE = 2 ** DEFAULT_OBJECT_SIZE_LOG2;
 /** Loaded chunks kept per open volume: 64 × 32 KiB = 2 MiB of RAM, 256 GiB of volume at 4 MiB objects. */
@@ -136,6 +138,8 @@ export class VolumeMap {
   readonly #refs: Map<number, ChunkRef>;
   #writable: boolean;
   #beginning: Promise<void> | null = null;
+  /** Set while markShared persists a new generation: setEntries and resize wait for it. */
+  #sharing: Promise<void> | null = null;
   readonly #cacheChunks: number;
   readonly #slots = new Map<number, ChunkSlot>();
   readonly #commits = new Set<Promise<void>>();
@@ -347,6 +351,9 @@ export class VolumeMap {
       if (list === undefined) byChunk.set(chunkIndex, list = []);
       list.push({ index: u.index, entry: u.entry, sync: options.dataSynced !== true && this.isOwned(u.entry) });
     }
+    // The sync flags above were decided before a concurrent markShared could
+    // make our fresh objects count as shared; they still need their sync.
+    while (this.#sharing !== null) await this.#sharing;
     const commits: Promise<void>[] = [];
     for (const [chunkIndex, list] of byChunk) commits.push(this.#enqueue(chunkIndex, list));
     await Promise.all(commits);
@@ -356,6 +363,7 @@ export class VolumeMap {
   async resize(newSize: number): Promise<void> {
     this.#assertWritable();
     checkSize(newSize);
+    while (this.#sharing !== null) await this.#sharing; // see markShared
     if (newSize < this.#header.size) {
       throw new UsageError(`volume "${this.#name}": cannot shrink from ${this.#header.size} to ${newSize} bytes`);
     }
@@ -366,29 +374,57 @@ export class VolumeMap {
   }
 
   /**
-   * @internal What a snapshot does to its origin (and what tests use to fake
-   * one): after in-flight commits drain, bump the generation and set
-   * writableSince to it, then persist the header. From then on every existing
-   * object and chunk counts as shared, so the next change to each is copied
-   * to a new name and the old one stays as it was. O(1).
+   * What a snapshot does to its origin (snapshot-create.ts; tests also use it
+   * to fake one): bump the generation and set writableSince to it, so that
+   * every existing object and chunk counts as shared and its next change is
+   * copied to a new name. O(1): one header write. Resolves with a copy of the
+   * header it persisted: exactly what a snapshot taken now must reference.
+   *
+   *   hold setEntries/resize ──▶ drain commits ──▶ write header (gen+1) ──▶ publish gen+1 ──▶ release
+   *                                                  * failed: nothing published, release, reject
+   *
+   * The new generation is durable before anyone can use it: until the header
+   * write completes, newEntry/newObjectName keep naming the old (durable)
+   * generation, and setEntries/resize calls wait (in call order) instead of
+   * committing, so no chunk or header write races the bump. Otherwise a
+   * crash could leave objects of a generation the stored header never
+   * reached, which the next open would reuse. A held update of an object
+   * named with the old generation commits afterwards; that object then counts
+   * as shared (it is copied on its next write), which is safe.
+   *
+   * What the map cannot see is the caller's business: a request that decided
+   * "owned, write in place" (compose Volume) before the bump and writes after
+   * it would change an object a snapshot reaches. So the caller quiesces its
+   * I/O first (no request in flight) and resumes once this resolves.
    */
-  async markShared(): Promise<void> {
+  async markShared(): Promise<VolumeHeader> {
     this.#assertWritable();
-    await this.#drain();
-    if (this.#header.generation >= MAX_GENERATION) {
-      throw new UsageError(`volume "${this.#name}": generation counter exhausted`);
-    }
-    const { generation, writableSince } = this.#header;
-    this.#header.generation += 1;
-    this.#header.writableSince = this.#header.generation;
+    while (this.#sharing !== null) await this.#sharing; // one bump at a time
+    let release!: () => void;
+    this.#sharing = new Promise<void>((resolve) => { release = resolve; });
     try {
-      await this.#headerCommit.request();
-    } catch (err) {
-      // Not durable: step back, or objects named after this generation could
-      // outlive a crash and be reused by the next open (which bumps the stored one).
+      await this.#drain();
+      if (this.#header.generation >= MAX_GENERATION) {
+        throw new UsageError(`volume "${this.#name}": generation counter exhausted`);
+      }
+      const generation = this.#header.generation + 1;
+      const next: VolumeHeader = {
+        ...this.#header,
+        generation,
+        writableSince: generation,
+        chunkRefs: [...this.#refs.values()].sort((a, b) => a.chunkIndex - b.chunkIndex),
+      };
+      const buf = encodeHeader(next);
+      this.#stats.headerWrites++;
+      await this.#blocker.replace(headerObjectName(this.#name), buf);
+      // Durable: publish.
       this.#header.generation = generation;
-      this.#header.writableSince = writableSince;
-      throw err;
+      this.#header.writableSince = generation;
+      this.#header.chunkRefs = next.chunkRefs;
+      return structuredClone(next);
+    } finally {
+      this.#sharing = null;
+      release();
     }
   }
 
@@ -396,6 +432,7 @@ export class VolumeMap {
   close(): Promise<void> {
     this.#closing ??= (async () => {
       this.#closed = true;
+      while (this.#sharing !== null) await this.#sharing;
       await this.#drain();
       this.#slots.clear();
     })();
@@ -580,9 +617,15 @@ export class VolumeMap {
 
 // ------------------------------------------------------------ helpers
 
-function newHeader(size: number, objectSizeLog2: number): VolumeHeader {
+/** A random volume id (8 bytes, 16 hex digits), never zero and never one of `avoid`. */
+export function newVolumeId(avoid: readonly string[] = []): string {
   let volumeId: string;
-  do volumeId = randomBytes(8).toString('hex'); while (volumeId === '0000000000000000');
+  do volumeId = randomBytes(8).toString('hex'); while (volumeId === '0000000000000000' || avoid.includes(volumeId));
+  return volumeId;
+}
+
+function newHeader(size: number, objectSizeLog2: number): VolumeHeader {
+  const volumeId = newVolumeId();
   return {
     flags: 0,
     volumeId,

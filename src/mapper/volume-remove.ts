@@ -11,7 +11,7 @@
  * The header goes first, durably: from that instant the volume does not exist,
  * and a crash while deleting objects leaves only orphans that no header references,
  * which GC sweeps. Objects are deleted only when no other header can reach
- * them: a clone or snapshot (later issues) lists this id in its sources, and an
+ * them: a clone or snapshot lists this id in its sources, and an
  * unreadable header might, so in those cases the objects stay for GC, which
  * frees them once nothing references them.
  *
