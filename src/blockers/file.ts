@@ -32,7 +32,7 @@
  * Imports nothing above the blocker layer.
  */
 import assert from 'node:assert/strict';
-import { createHash, randomBytes } from 'node:crypto';
+import { randomBytes } from 'node:crypto';
 import dc from 'node:diagnostics_channel';
 import fs from 'node:fs';
 import fsp from 'node:fs/promises';
@@ -41,6 +41,10 @@ import { LRUCache } from 'lru-cache';
 import { silentLogger, type Logger } from '../common/log.js';
 import type { Blocker, BlockerCapabilities, ObjectStat } from './blocker.js';
 import { BlockerError, checkObjectName, toBlockerError } from './errors.js';
+import { decodeName, encodeName, fanOutDir } from './file-names.js';
+import { fdClose, fdOpen, fdRead, fdSize, fdSync, fdTruncate, fsyncDir, writeAll, zeroRange } from './file-io.js';
+
+export { decodeName, encodeName, fanOutDir } from './file-names.js';
 
 export const STORE_MARKER = 'archipelago-store.json';
 const STORE_FORMAT = 'archipelago-file-store';
@@ -53,9 +57,6 @@ const FANOUT_DIR = /^[0-9a-f]{2}$/;
 const MAX_FILE_NAME = 255; // NAME_MAX of every Linux file system we support
 
 const DEFAULT_MAX_OPEN_FILES = 1024;
-/** Punch writes zeros in pieces of this size (one shared buffer). */
-const ZERO_PIECE = 1024 * 1024;
-let zeros: Buffer | undefined;
 
 /** Published for every fsync (tests count them; metrics may). Guarded by hasSubscribers. */
 export const fsyncChannel = dc.channel('archipelago:blocker:fsync');
@@ -77,49 +78,6 @@ export interface OpenFileBlockerOptions extends FileBlockerOptions {
   create?: boolean;
 }
 
-// ---------------------------------------------------------------- names
-
-const SAFE_BYTE = new Uint8Array(256);
-for (const c of 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-') SAFE_BYTE[c.charCodeAt(0)] = 1;
-const HEX = '0123456789ABCDEF';
-const SAFE_NAME = /^[A-Za-z0-9._-]+$/;
-const ENCODED_NAME = /^(?:[A-Za-z0-9._-]|%[0-9A-F]{2})+$/;
-
-/** The file name of object `name`: bytes outside [A-Za-z0-9._-] become %XX; never "." or "..". */
-export function encodeName(name: string): string {
-  if (SAFE_NAME.test(name)) return name === '.' || name === '..' ? name.replaceAll('.', '%2E') : name;
-  let out = '';
-  for (const b of Buffer.from(name, 'utf8')) {
-    out += SAFE_BYTE[b] ? String.fromCharCode(b) : '%' + HEX[b >> 4] + HEX[b & 15];
-  }
-  return out;
-}
-
-/** The object name of a file, or undefined when the file is not a canonical encoding (not ours). */
-export function decodeName(file: string): string | undefined {
-  if (!ENCODED_NAME.test(file)) return undefined;
-  let name = file;
-  if (file.includes('%')) {
-    const bytes: number[] = [];
-    for (let i = 0; i < file.length; i++) {
-      if (file[i] === '%') {
-        bytes.push(parseInt(file.slice(i + 1, i + 3), 16));
-        i += 2;
-      } else {
-        bytes.push(file.charCodeAt(i));
-      }
-    }
-    name = Buffer.from(bytes).toString('utf8');
-  }
-  return encodeName(name) === file ? name : undefined;
-}
-
-/** The fan-out directory of an object, relative to the root: 'ab/cd'. */
-export function fanOutDir(name: string): string {
-  const h = createHash('sha1').update(name, 'utf8').digest('hex');
-  return `${h.slice(0, 2)}/${h.slice(2, 4)}`;
-}
-
 interface Location {
   /** Fan-out directory relative to the root. */
   dir: string;
@@ -132,57 +90,6 @@ const fileKey = (name: string) => 'f:' + name;
 const dirKey = (dir: string) => 'd:' + dir;
 /** The directory, its parent and the root: every entry on the way to a file. */
 const dirChain = (dir: string) => [dir, dir.slice(0, 2), ''];
-
-// ------------------------------------------------------- fd primitives
-
-function fdOpen(file: string, flags: number, mode = 0o644): Promise<number> {
-  return new Promise((resolve, reject) => fs.open(file, flags, mode, (err, fd) => (err ? reject(err) : resolve(fd))));
-}
-function fdRead(fd: number, buf: Buffer, off: number, len: number, pos: number): Promise<number> {
-  return new Promise((resolve, reject) => fs.read(fd, buf, off, len, pos, (err, n) => (err ? reject(err) : resolve(n))));
-}
-function fdWrite(fd: number, buf: Buffer, off: number, len: number, pos: number): Promise<number> {
-  return new Promise((resolve, reject) => fs.write(fd, buf, off, len, pos, (err, n) => (err ? reject(err) : resolve(n))));
-}
-function fdSync(fd: number): Promise<void> {
-  return new Promise((resolve, reject) => fs.fsync(fd, (err) => (err ? reject(err) : resolve())));
-}
-function fdTruncate(fd: number, len: number): Promise<void> {
-  return new Promise((resolve, reject) => fs.ftruncate(fd, len, (err) => (err ? reject(err) : resolve())));
-}
-function fdSize(fd: number): Promise<number> {
-  return new Promise((resolve, reject) => fs.fstat(fd, (err, st) => (err ? reject(err) : resolve(st.size))));
-}
-function fdClose(fd: number): Promise<void> {
-  return new Promise((resolve, reject) => fs.close(fd, (err) => (err ? reject(err) : resolve())));
-}
-
-/** pwrite until all of `data` is written (short writes happen near ENOSPC). */
-async function writeAll(fd: number, data: Buffer, position: number): Promise<void> {
-  let done = 0;
-  while (done < data.length) {
-    const n = await fdWrite(fd, data, done, data.length - done, position + done);
-    if (n <= 0) throw Object.assign(new Error('pwrite wrote nothing'), { code: 'EIO' });
-    done += n;
-  }
-}
-
-/** Writes zeros over [start, end) in ZERO_PIECE pieces from one shared buffer. */
-async function zeroRange(fd: number, start: number, end: number): Promise<void> {
-  zeros ??= Buffer.alloc(ZERO_PIECE);
-  for (let pos = start; pos < end; pos += ZERO_PIECE) {
-    await writeAll(fd, zeros.subarray(0, Math.min(ZERO_PIECE, end - pos)), pos);
-  }
-}
-
-async function fsyncDir(dir: string): Promise<void> {
-  const fd = await fdOpen(dir, fs.constants.O_RDONLY | fs.constants.O_DIRECTORY);
-  try {
-    await fdSync(fd);
-  } finally {
-    await fdClose(fd);
-  }
-}
 
 const errnoOf = (err: unknown) => (err as { code?: unknown } | null)?.code;
 const noop = () => {};
