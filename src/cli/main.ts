@@ -8,6 +8,7 @@ import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import { serve } from './commands/serve.js';
 import { create, info, list, remove, rename, resize } from './commands/volume.js';
+import { clone, snapshot } from './commands/snapshot.js';
 
 const USAGE_CODES = new Set(['ARCH_E_USAGE', 'ARCH_E_BAD_NAME', 'ARCH_E_NO_VOLUME', 'ARCH_E_VOLUME_EXISTS']);
 
@@ -21,6 +22,9 @@ try {
     .command(remove)
     .command(rename)
     .command(resize)
+    .command(snapshot)
+    .command(clone)
+    .command((await import('./commands/gc.js')).gc)
     .demandCommand(1, 'name a command (see --help)')
     .strict()
     .fail((msg, err) => {

@@ -60,6 +60,14 @@ export class Volume {
    * object is removed first: writing into it would resurrect stale bytes.
    */
   private readonly strays = new Set<string>();
+  /**
+   * Quiescing (see quiesce()): while `door` is set, new writes, zeroes and
+   * trims wait for it; `mutating` counts those in flight, and `drained`
+   * wakes the quiescer when it reaches 0.
+   */
+  private door: Promise<void> | null = null;
+  private mutating = 0;
+  private drained: (() => void) | null = null;
   readonly objectSize: number;
 
   constructor(readonly map: VolumeMap, private readonly data: Blocker, readonly readOnly: boolean) {
@@ -106,10 +114,16 @@ export class Volume {
 
   async write(offset: number, data: Buffer, fua: boolean): Promise<void> {
     this.assertWritable(offset, data.length);
-    if (!this.map.writable) await this.beginWrites();
-    const extents = splitRange(offset, data.length, this.objectSize);
-    const names = await Promise.all(extents.map((e) => this.writeExtent(e, data.subarray(e.requestOffset, e.requestOffset + e.length))));
-    if (fua) await this.syncNames(names.filter((n): n is string => n !== null));
+    if (this.door !== null) await this.waitAtDoor();
+    this.mutating++;
+    try {
+      if (!this.map.writable) await this.beginWrites();
+      const extents = splitRange(offset, data.length, this.objectSize);
+      const names = await Promise.all(extents.map((e) => this.writeExtent(e, data.subarray(e.requestOffset, e.requestOffset + e.length))));
+      if (fua) await this.syncNames(names.filter((n): n is string => n !== null));
+    } finally {
+      this.mutationDone();
+    }
   }
 
   /**
@@ -207,13 +221,19 @@ export class Volume {
 
   async zero(offset: number, length: number, o: ZeroOptions): Promise<void> {
     this.assertWritable(offset, length);
-    if (!this.map.writable) await this.beginWrites();
-    const extents = splitRange(offset, length, this.objectSize);
-    if (o.fastZero && !(await this.canZeroFast(extents, o.noHole))) {
-      throw new ComposeError('ENOTSUP', `volume ${this.name}: zeroing ${length} bytes at ${offset} needs writes`);
+    if (this.door !== null) await this.waitAtDoor();
+    this.mutating++;
+    try {
+      if (!this.map.writable) await this.beginWrites();
+      const extents = splitRange(offset, length, this.objectSize);
+      if (o.fastZero && !(await this.canZeroFast(extents, o.noHole))) {
+        throw new ComposeError('ENOTSUP', `volume ${this.name}: zeroing ${length} bytes at ${offset} needs writes`);
+      }
+      const names = await Promise.all(extents.map((e) => this.zeroExtent(e, o.noHole)));
+      if (o.fua) await this.syncNames(names.filter((n): n is string => n !== null));
+    } finally {
+      this.mutationDone();
     }
-    const names = await Promise.all(extents.map((e) => this.zeroExtent(e, o.noHole)));
-    if (o.fua) await this.syncNames(names.filter((n): n is string => n !== null));
   }
 
   /** TRIM reads back as zeros here: same as WRITE_ZEROES without NO_HOLE. */
@@ -283,6 +303,51 @@ export class Volume {
       }
     } finally {
       this.gates.releaseExclusive(index);
+    }
+  }
+
+  // --------------------------------------------------------------- quiesce
+
+  /**
+   * Runs `fn` with the volume quiesced: new writes, zeroes and trims wait at
+   * the door (reads, block status and flushes go on), the ones in flight
+   * drain, a flush makes them durable, then `fn` runs with nothing changing
+   * the volume. The waiters are let in when `fn` settles, whether it resolved
+   * or threw (and also when the drain's flush fails: `fn` is not run then).
+   * Concurrent quiesce calls run one after the other. Used for snapshots
+   * (mapper/snapshot-create.ts: no request in flight, flushed).
+   */
+  async quiesce<T>(fn: () => Promise<T>): Promise<T> {
+    while (this.door !== null) await this.door;
+    let open!: () => void;
+    this.door = new Promise<void>((resolve) => { open = resolve; });
+    try {
+      if (this.mutating > 0) await new Promise<void>((resolve) => { this.drained = resolve; });
+      await this.flush();
+      return await fn();
+    } finally {
+      this.drained = null;
+      this.door = null;
+      open();
+    }
+  }
+
+  /** True while a quiesce() holds the door (for status and tests). */
+  get quiescing(): boolean { return this.door !== null; }
+
+  /** Mutations (write, zero, trim) in flight now. */
+  get mutationsInFlight(): number { return this.mutating; }
+
+  /** Waits until no quiesce() holds the door (another may follow the first). */
+  private async waitAtDoor(): Promise<void> {
+    while (this.door !== null) await this.door;
+  }
+
+  private mutationDone(): void {
+    if (--this.mutating === 0 && this.drained !== null) {
+      const wake = this.drained;
+      this.drained = null;
+      wake();
     }
   }
 

@@ -6,6 +6,7 @@
 import { NbdServer } from '../nbd/server.js';
 import { openStore } from './store.js';
 import { VolumeProvider } from './volume-export.js';
+import { AdminServer } from './admin.js';
 import type { Logger } from '../common/log.js';
 
 export interface ServeOptions {
@@ -13,6 +14,8 @@ export interface ServeOptions {
   /** host:port, or null for no TCP listener. */
   listen: string | null;
   socket: string | null;
+  /** Unix socket of the admin API (admin.ts), or null for none. */
+  adminSocket?: string | null;
   log: Logger;
   maxConnections?: number;
   /** Called once the listeners are up (systemd READY, tests). */
@@ -41,10 +44,13 @@ export async function startDaemon(o: ServeOptions): Promise<RunningDaemon> {
   const provider = new VolumeProvider(store, o.log.child({ component: 'volume' }));
   const server = new NbdServer({ provider, log: o.log.child({ component: 'nbd' }), maxConnections: o.maxConnections });
   const addresses: { port?: number; path?: string }[] = [];
+  const admin = o.adminSocket ? new AdminServer(store, provider, o.log.child({ component: 'admin' })) : null;
   try {
     if (o.listen) addresses.push(await server.listen(parseListen(o.listen)));
     if (o.socket) addresses.push(await server.listen({ path: o.socket }));
+    if (admin) await admin.listen(o.adminSocket!);
   } catch (err) {
+    await admin?.close();
     await server.destroy();
     await store.close();
     throw err;
@@ -56,6 +62,7 @@ export async function startDaemon(o: ServeOptions): Promise<RunningDaemon> {
   const stop = () => {
     stopping ??= (async () => {
       o.log.info('shutting down: draining connections');
+      await admin?.close();
       await server.close();
       await provider.close();
       await store.close();
@@ -64,6 +71,7 @@ export async function startDaemon(o: ServeOptions): Promise<RunningDaemon> {
     return stopping;
   };
   const abort = async () => {
+    await admin?.close();
     await server.destroy();
     await provider.close();
     await store.close();

@@ -8,6 +8,8 @@ import { Volume } from '../compose/volume.js';
 import type { Export, ExportCapabilities, ExportListing, ExportProvider } from '../nbd/export.js';
 import { VolumeMap, listVolumes } from '../mapper/volume-map.js';
 import { VolumeNotFoundError } from '../mapper/errors.js';
+import { VolumeFlags } from '../mapper/header-format.js';
+import { ExportError } from '../nbd/errors.js';
 import { isValidVolumeName } from '../mapper/names.js';
 import type { Store } from './store.js';
 import type { Logger } from '../common/log.js';
@@ -35,6 +37,17 @@ export class VolumeProvider implements ExportProvider {
   async open(name: string): Promise<Export | null> {
     // Names from the wire are untrusted: anything invalid is simply unknown.
     if (!isValidVolumeName(name)) return null;
+    const held = await this.acquire(name);
+    return held && new VolumeExport(held.volume, held.release);
+  }
+
+  /**
+   * The open Volume `name` (opened now if no connection has it open), held
+   * open until `release` is called: the admin API snapshots through it, so
+   * that a client connecting meanwhile shares it. Null when there is no such
+   * volume. The name must be valid.
+   */
+  async acquire(name: string): Promise<{ volume: Volume; release: () => Promise<void> } | null> {
     let v = this.volumes.get(name);
     if (!v) {
       v = { refs: 0, opening: this.openVolume(name) };
@@ -49,15 +62,24 @@ export class VolumeProvider implements ExportProvider {
       if (err instanceof VolumeNotFoundError) return null;
       throw err;
     }
-    return new VolumeExport(volume, () => this.release(name, v!));
+    let released: Promise<void> | null = null;
+    return { volume, release: () => (released ??= this.release(name, v!)) };
+  }
+
+  /** The volumes open now, with how many holders (NBD connections, admin operations) each has. */
+  openVolumes(): { name: string; connections: number }[] {
+    return [...this.volumes].map(([name, v]) => ({ name, connections: v.refs }));
   }
 
   private async openVolume(name: string): Promise<Volume> {
     // Read-only until the first write (Volume calls map.beginWrites()), so
     // clients that only look never write metadata.
+    // Snapshots and images (READONLY/SNAPSHOT) are served read-only: NBD
+    // advertises READ_ONLY, and writes fail with EPERM.
     const map = await VolumeMap.open(this.store.maps, name, { forWrite: false });
-    this.log.info(`volume ${name} opened`, { generation: map.generation, size: map.size });
-    return new Volume(map, this.store.data, false);
+    const readOnly = (map.flags & (VolumeFlags.READONLY | VolumeFlags.SNAPSHOT)) !== 0;
+    this.log.info(`volume ${name} opened${readOnly ? ' read-only' : ''}`, { generation: map.generation, size: map.size });
+    return new Volume(map, this.store.data, readOnly);
   }
 
   private async release(name: string, v: OpenVolume): Promise<void> {
@@ -94,14 +116,27 @@ class VolumeExport implements Export {
   get readOnly(): boolean { return this.volume.readOnly; }
 
   read(offset: number, length: number) { return this.volume.read(offset, length); }
-  write(offset: number, data: Buffer, fua: boolean) { return this.volume.write(offset, data, fua); }
+  write(offset: number, data: Buffer, fua: boolean) {
+    if (this.volume.readOnly) return this.refuse('write');
+    return this.volume.write(offset, data, fua);
+  }
   flush() { return this.volume.flush(); }
-  trim(offset: number, length: number, fua: boolean) { return this.volume.trim(offset, length, fua); }
-  zero(offset: number, length: number, o: { fua: boolean; noHole: boolean; fastZero: boolean }) { return this.volume.zero(offset, length, o); }
+  trim(offset: number, length: number, fua: boolean) {
+    if (this.volume.readOnly) return this.refuse('trim');
+    return this.volume.trim(offset, length, fua);
+  }
+  zero(offset: number, length: number, o: { fua: boolean; noHole: boolean; fastZero: boolean }) {
+    if (this.volume.readOnly) return this.refuse('write zeroes');
+    return this.volume.zero(offset, length, o);
+  }
   blockStatus(offset: number, length: number) { return this.volume.blockStatus(offset, length); }
   cache(offset: number, length: number) { return this.volume.cache(offset, length); }
   close(): Promise<void> {
     this.closed ??= this.onClose();
     return this.closed;
+  }
+
+  private refuse(what: string): Promise<never> {
+    return Promise.reject(new ExportError('EPERM', `volume ${this.name}: ${what} to a read-only volume (snapshot or image)`));
   }
 }

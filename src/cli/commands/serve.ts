@@ -13,6 +13,7 @@ import { withStore, type StoreArgs } from '../common.js';
 interface ServeArgs extends StoreArgs {
   listen: string;
   socket?: string;
+  'admin-socket'?: string;
   'log-level': LogLevel;
   'max-connections': number;
   run?: string;
@@ -24,6 +25,7 @@ export const serve: CommandModule<object, ServeArgs> = {
   builder: (y) => withStore(y
     .option('listen', { type: 'string', default: '127.0.0.1:10809', describe: 'TCP address HOST:PORT ("" for none)' })
     .option('socket', { type: 'string', describe: 'also listen on this Unix socket' })
+    .option('admin-socket', { type: 'string', describe: 'serve the admin API (snapshots of served volumes, status) on this Unix socket, owner only' })
     .option('log-level', { choices: ['debug', 'info', 'warn', 'error'] as const, default: 'info' as const })
     .option('max-connections', { type: 'number', default: 1024 })
     .option('run', { type: 'string', describe: 'captive mode: run this shell command, stop when it exits' })) as never,
@@ -34,11 +36,12 @@ export const serve: CommandModule<object, ServeArgs> = {
       store: a.store,
       listen: a.listen === '' ? null : a.listen,
       socket: a.socket ?? null,
+      adminSocket: a['admin-socket'] || null,
       log,
       maxConnections: a['max-connections'],
       onReady: (addrs) => {
         tcpPort = addrs.find((x) => x.port !== undefined)?.port;
-        const line = ['READY', ...(tcpPort !== undefined ? [`port=${tcpPort}`] : []), ...(a.socket ? [`socket=${a.socket}`] : [])].join(' ');
+        const line = ['READY', ...(tcpPort !== undefined ? [`port=${tcpPort}`] : []), ...(a.socket ? [`socket=${a.socket}`] : []), ...(a['admin-socket'] ? [`admin=${a['admin-socket']}`] : [])].join(' ');
         // One machine-readable line for scripts and tests.
         process.stdout.write(line + '\n');
       },

@@ -6,22 +6,32 @@
 import type { CommandModule } from 'yargs';
 import { VolumeMap, listVolumes, removeVolume, renameVolume, DEFAULT_OBJECT_SIZE } from '../../mapper/volume-map.js';
 import { validateVolumeName } from '../../mapper/names.js';
+import { VolumeFlags } from '../../mapper/header-format.js';
+import { UsageError } from '../../mapper/errors.js';
+import { cloneCommand } from './snapshot.js';
 import { formatSize, parseSize } from '../sizes.js';
 import { printJson, usingStore, withJson, withStore, type JsonArgs, type StoreArgs } from '../common.js';
 
 type Args<T> = T & StoreArgs & JsonArgs;
 
-export const create: CommandModule<object, Args<{ name: string; size: string; 'object-size': string }>> = {
+export const create: CommandModule<object, Args<{ name: string; size?: string; 'object-size'?: string; from?: string }>> = {
   command: 'create <name>',
-  describe: 'create an empty volume',
+  describe: 'create an empty volume, or a clone of a snapshot (--from)',
   builder: (y) => withJson(withStore(y
     .positional('name', { type: 'string', demandOption: true, describe: 'volume name' })
-    .option('size', { type: 'string', demandOption: true, describe: 'size, e.g. 10G' })
-    .option('object-size', { type: 'string', default: formatSize(DEFAULT_OBJECT_SIZE), describe: 'object size, a power of two from 64K to 64M' }))) as never,
+    .option('size', { type: 'string', describe: 'size, e.g. 10G (required unless --from)' })
+    .option('object-size', { type: 'string', describe: `object size, a power of two from 64K to 64M (default ${formatSize(DEFAULT_OBJECT_SIZE)})` })
+    .option('from', { type: 'string', describe: 'clone this snapshot (same as `clone SNAPSHOT NAME`)' }))) as never,
   handler: async (a) => {
+    if (a.from !== undefined) {
+      if (a['object-size'] !== undefined) throw new UsageError('create --from: a clone keeps its snapshot\'s object size (drop --object-size)');
+      await cloneCommand(a, a.from, a.name, a.size);
+      return;
+    }
     validateVolumeName(a.name);
+    if (a.size === undefined) throw new UsageError('create: --size is required (or --from SNAPSHOT)');
     const size = parseSize(a.size);
-    const objectSize = parseSize(a['object-size']);
+    const objectSize = parseSize(a['object-size'] ?? formatSize(DEFAULT_OBJECT_SIZE));
     await usingStore(a.store, async (s) => {
       const map = await VolumeMap.create(s.maps, a.name, { size, objectSize });
       const info = describe(map);
@@ -67,6 +77,7 @@ export const info: CommandModule<object, Args<{ name: string }>> = {
           `object size:  ${formatSize(i.objectSize)}`,
           `generation:   ${i.generation}`,
           `map chunks:   ${i.mapChunks}`,
+          `kind:         ${i.kind}`,
           `created:      ${i.created}`,
           ...(i.parent ? [`parent:       ${i.parent}`] : []),
         ].join('\n') + '\n');
@@ -123,6 +134,8 @@ export const resize: CommandModule<object, Args<{ name: string; size: string }>>
 
 interface VolumeInfo {
   name: string;
+  /** From the header flags: SNAPSHOT → snapshot, READONLY or IMAGE → image, else volume. */
+  kind: 'volume' | 'snapshot' | 'image';
   id: string;
   size: number;
   objectSize: number;
@@ -135,6 +148,8 @@ interface VolumeInfo {
 function describe(map: VolumeMap): VolumeInfo {
   return {
     name: map.name,
+    kind: (map.flags & VolumeFlags.SNAPSHOT) !== 0 ? 'snapshot'
+      : (map.flags & (VolumeFlags.READONLY | VolumeFlags.IMAGE)) !== 0 ? 'image' : 'volume',
     id: map.id,
     size: map.size,
     objectSize: map.objectSize,

@@ -1,0 +1,198 @@
+/**
+ * The daemon's admin API: a Unix socket (`serve --admin-socket PATH`, mode
+ * 0600: its owner only) speaking newline-delimited JSON, one reply line per
+ * request line, in order:
+ *
+ *   {"op":"snapshot","volume":V,"name":S}
+ *       → {"ok":true,"op":"snapshot","volume":V,"name":S,"volumeId":..,"originGeneration":..,"online":bool}
+ *   {"op":"status"}
+ *       → {"ok":true,"op":"status","volumes":[{"name":..,"connections":n,"readOnly":bool}]}
+ *   anything else, or a failure
+ *       → {"ok":false,"code":"ARCH_E_…","message":"…"}
+ *
+ * A snapshot goes through the daemon's own open Volume (VolumeProvider.acquire:
+ * the one its clients share, opened for the occasion if none has it), so a
+ * client connecting meanwhile cannot write behind it:
+ *
+ *   acquire V ──▶ quiesce V (writes wait, in flight drain, flush) ──▶ open map for writing
+ *      (if still read-only) ──▶ createSnapshot ──▶ let the writes in ──▶ release V
+ *
+ * `online` says whether a client had V open. Snapshots are taken one at a
+ * time (the store has no exclusive create to keep two same-named ones apart).
+ * A line longer than MAX_LINE closes the connection.
+ */
+import fs from 'node:fs/promises';
+import net from 'node:net';
+import { checkNameFree, createSnapshot } from '../mapper/snapshot-create.js';
+import { validateVolumeName } from '../mapper/names.js';
+import { UsageError, VolumeNotFoundError } from '../mapper/errors.js';
+import type { Store } from './store.js';
+import type { VolumeProvider } from './volume-export.js';
+import type { Logger } from '../common/log.js';
+
+export const MAX_LINE = 64 * 1024;
+
+type Reply = { ok: true; [key: string]: unknown } | { ok: false; code: string; message: string };
+
+export class AdminServer {
+  private readonly server: net.Server;
+  private readonly sockets = new Set<net.Socket>();
+  /** Snapshots one at a time. */
+  private serial: Promise<unknown> = Promise.resolve();
+  private path: string | null = null;
+
+  constructor(private readonly store: Store, private readonly provider: VolumeProvider, private readonly log: Logger) {
+    this.server = net.createServer((socket) => this.accept(socket));
+    this.server.on('error', (err) => this.log.error(`admin listener: ${err.message}`, { err }));
+  }
+
+  /** Listens on `path` (a stale socket file is replaced), owner-only. */
+  async listen(path: string): Promise<void> {
+    await fs.rm(path, { force: true });
+    // The socket file is created by bind, inside listen(): with this umask it
+    // never exists with wider permissions, even for an instant.
+    const old = process.umask(0o177);
+    try {
+      await new Promise<void>((resolve, reject) => {
+        this.server.once('error', reject);
+        this.server.listen({ path }, () => { this.server.off('error', reject); resolve(); });
+      });
+    } finally {
+      process.umask(old);
+    }
+    await fs.chmod(path, 0o600);
+    this.path = path;
+    this.log.info(`admin API on unix:${path}`);
+  }
+
+  async close(): Promise<void> {
+    const closed = new Promise<void>((resolve) => this.server.close(() => resolve()));
+    for (const s of this.sockets) s.destroy();
+    if (this.server.listening) await closed;
+    if (this.path) await fs.rm(this.path, { force: true });
+    // Let a snapshot under way finish before the volumes are closed.
+    await this.serial.catch(() => {});
+  }
+
+  private accept(socket: net.Socket): void {
+    this.sockets.add(socket);
+    socket.on('close', () => this.sockets.delete(socket));
+    socket.on('error', () => {});
+    socket.setEncoding('utf8');
+    let buffered = '';
+    let queue = Promise.resolve();
+    socket.on('data', (chunk: string) => {
+      buffered += chunk;
+      let nl: number;
+      while ((nl = buffered.indexOf('\n')) >= 0) {
+        const line = buffered.slice(0, nl);
+        buffered = buffered.slice(nl + 1);
+        if (line.length > MAX_LINE) { socket.destroy(); return; }
+        if (line.trim() === '') continue;
+        queue = queue.then(async () => {
+          const reply = await this.handle(line);
+          if (!socket.destroyed) socket.write(JSON.stringify(reply) + '\n');
+        });
+      }
+      if (buffered.length > MAX_LINE) socket.destroy();
+    });
+  }
+
+  /** One request line to its reply; never throws. */
+  async handle(line: string): Promise<Reply> {
+    try {
+      let req: unknown;
+      try {
+        req = JSON.parse(line);
+      } catch {
+        throw new UsageError('request is not JSON');
+      }
+      if (typeof req !== 'object' || req === null || Array.isArray(req)) throw new UsageError('request is not a JSON object');
+      const r = req as Record<string, unknown>;
+      switch (r.op) {
+        case 'status':
+          return { ok: true, op: 'status', volumes: this.status() };
+        case 'snapshot': {
+          const volume = stringField(r, 'volume');
+          const name = stringField(r, 'name');
+          validateVolumeName(volume);
+          validateVolumeName(name);
+          const run = this.serial.catch(() => {}).then(() => this.snapshot(volume, name));
+          this.serial = run;
+          return { ok: true, op: 'snapshot', volume, name, ...(await run) };
+        }
+        default:
+          throw new UsageError(`unknown op ${JSON.stringify(r.op)} (expected "snapshot" or "status")`);
+      }
+    } catch (err) {
+      const e = err as Error & { code?: unknown };
+      const code = typeof e.code === 'string' && e.code.startsWith('ARCH_E_') ? e.code : 'ARCH_E_INTERNAL';
+      if (code === 'ARCH_E_INTERNAL') this.log.error(`admin request failed: ${e.message}`, { err });
+      return { ok: false, code, message: e.message ?? String(err) };
+    }
+  }
+
+  private status(): { name: string; connections: number }[] {
+    return this.provider.openVolumes();
+  }
+
+  private async snapshot(volumeName: string, snapName: string): Promise<{ volumeId: string; originGeneration: number; online: boolean }> {
+    // Before anything writes (opening for writing bumps the generation).
+    await checkNameFree(this.store.maps, snapName);
+    const online = this.provider.openVolumes().some((v) => v.name === volumeName);
+    const held = await this.provider.acquire(volumeName);
+    if (!held) throw new VolumeNotFoundError(volumeName);
+    try {
+      const { volume } = held;
+      if (volume.readOnly) throw new UsageError(`snapshot of "${volumeName}": it is read-only (a snapshot or an image); clone it instead`);
+      const r = await volume.quiesce(async () => {
+        if (!volume.map.writable) await volume.map.beginWrites();
+        return createSnapshot(this.store.maps, volume.map, snapName);
+      });
+      this.log.info(`snapshot ${snapName} of volume ${volumeName}`, { online, originGeneration: r.originGeneration });
+      return { ...r, online };
+    } finally {
+      await held.release();
+    }
+  }
+}
+
+function stringField(r: Record<string, unknown>, key: string): string {
+  const v = r[key];
+  if (typeof v !== 'string') throw new UsageError(`request field "${key}" must be a string`);
+  return v;
+}
+
+/**
+ * Sends one request to the admin socket at `path` and resolves with the reply.
+ * Rejects with the socket error (ENOENT, ECONNREFUSED: no daemon there).
+ */
+export function adminRequest(path: string, request: object, timeoutMs = 60_000): Promise<Reply> {
+  return new Promise((resolve, reject) => {
+    const socket = net.createConnection({ path });
+    let buffered = '';
+    const timer = setTimeout(() => {
+      socket.destroy();
+      reject(Object.assign(new Error(`admin socket ${path}: no reply within ${timeoutMs} ms`), { code: 'ETIMEDOUT' }));
+    }, timeoutMs);
+    socket.setEncoding('utf8');
+    socket.on('connect', () => socket.write(JSON.stringify(request) + '\n'));
+    socket.on('data', (s: string) => {
+      buffered += s;
+      const nl = buffered.indexOf('\n');
+      if (nl < 0) return;
+      clearTimeout(timer);
+      socket.end();
+      try {
+        resolve(JSON.parse(buffered.slice(0, nl)) as Reply);
+      } catch (err) {
+        reject(err);
+      }
+    });
+    socket.on('error', (err) => { clearTimeout(timer); reject(err); });
+    socket.on('close', () => {
+      clearTimeout(timer);
+      reject(new Error(`admin socket ${path}: closed without a reply`));
+    });
+  });
+}
