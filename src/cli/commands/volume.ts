@@ -9,6 +9,7 @@ import { validateVolumeName } from '../../mapper/names.js';
 import { VolumeFlags } from '../../mapper/header-format.js';
 import { UsageError } from '../../mapper/errors.js';
 import { allocatedUsage, volumeUsage } from '../../mapper/volume-usage.js';
+import { MapFormatError } from '../../mapper/errors.js';
 import { cloneCommand } from './snapshot.js';
 import { formatSize, parseSize } from '../sizes.js';
 import { printJson, usingStore, withJson, withStore, type JsonArgs, type StoreArgs } from '../common.js';
@@ -64,6 +65,27 @@ export const list: CommandModule<object, Args<object>> = {
   },
 };
 
+/**
+ * Usage for `info`: damaged metadata must not hide what the header says.
+ * A corrupt map of another volume makes exclusive bytes unknown (that
+ * volume might share our objects); a corrupt chunk of our own makes all
+ * usage unknown. The reason is shown instead.
+ */
+async function usageOf(maps: Parameters<typeof volumeUsage>[0], name: string) {
+  const unknown = (err: MapFormatError) => `unreadable map: ${err.message}`;
+  try {
+    return { ...await volumeUsage(maps, name), usageUnknownBecause: null as string | null };
+  } catch (err) {
+    if (!(err instanceof MapFormatError) || err.objectName === `vol.${name}`) throw err;
+    try {
+      return { ...await allocatedUsage(maps, name), exclusiveObjects: null, exclusiveBytes: null, usageUnknownBecause: unknown(err) };
+    } catch (err2) {
+      if (!(err2 instanceof MapFormatError)) throw err2;
+      return { allocatedObjects: null, allocatedBytes: null, exclusiveObjects: null, exclusiveBytes: null, usageUnknownBecause: unknown(err2) };
+    }
+  }
+}
+
 export const info: CommandModule<object, Args<{ name: string }>> = {
   command: 'info <name>',
   describe: 'show a volume, with its allocated bytes and the bytes no other volume shares (exclusive; '
@@ -72,7 +94,7 @@ export const info: CommandModule<object, Args<{ name: string }>> = {
   handler: async (a) => {
     validateVolumeName(a.name);
     await usingStore(a.store, async (s) => {
-      const i = { ...await infoOf(s.maps, a.name), ...await volumeUsage(s.maps, a.name) };
+      const i = { ...await infoOf(s.maps, a.name), ...await usageOf(s.maps, a.name) };
       if (a.json) printJson(i);
       else {
         process.stdout.write([
@@ -82,8 +104,12 @@ export const info: CommandModule<object, Args<{ name: string }>> = {
           `object size:  ${formatSize(i.objectSize)}`,
           `generation:   ${i.generation}`,
           `map chunks:   ${i.mapChunks}`,
-          `allocated:    ${formatSize(i.allocatedBytes)} (${i.allocatedObjects} objects, at most ${i.allocatedBytes} bytes)`,
-          `exclusive:    ${formatSize(i.exclusiveBytes)} (${i.exclusiveObjects} objects no other volume shares)`,
+          i.allocatedBytes === null
+            ? `allocated:    unknown (${i.usageUnknownBecause})`
+            : `allocated:    ${formatSize(i.allocatedBytes)} (${i.allocatedObjects} objects, at most ${i.allocatedBytes} bytes)`,
+          i.exclusiveBytes === null
+            ? `exclusive:    unknown (${i.usageUnknownBecause})`
+            : `exclusive:    ${formatSize(i.exclusiveBytes)} (${i.exclusiveObjects} objects no other volume shares)`,
           `kind:         ${i.kind}`,
           `created:      ${i.created}`,
           ...(i.parent ? [`parent:       ${i.parent}`] : []),
