@@ -25,6 +25,9 @@ try {
     .command(snapshot)
     .command(clone)
     .command((await import('./commands/gc.js')).gc)
+    .command((await import('./commands/image.js')).importImage)
+    .command((await import('./commands/image.js')).exportImage)
+    .command((await import('./commands/image.js')).hashImage)
     .demandCommand(1, 'name a command (see --help)')
     .strict()
     .fail((msg, err) => {

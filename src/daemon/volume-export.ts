@@ -9,6 +9,7 @@ import type { Export, ExportCapabilities, ExportListing, ExportProvider } from '
 import { VolumeMap, listVolumes } from '../mapper/volume-map.js';
 import { VolumeNotFoundError } from '../mapper/errors.js';
 import { VolumeFlags } from '../mapper/header-format.js';
+import { assertComplete } from '../mapper/image-create.js';
 import { ExportError } from '../nbd/errors.js';
 import { isValidVolumeName } from '../mapper/names.js';
 import type { Store } from './store.js';
@@ -77,6 +78,13 @@ export class VolumeProvider implements ExportProvider {
     // Snapshots and images (READONLY/SNAPSHOT) are served read-only: NBD
     // advertises READ_ONLY, and writes fail with EPERM.
     const map = await VolumeMap.open(this.store.maps, name, { forWrite: false });
+    // An image still being built (or whose build was interrupted) is not served.
+    try {
+      assertComplete(name, map.flags, 'volume');
+    } catch (err) {
+      await map.close();
+      throw err;
+    }
     const readOnly = (map.flags & (VolumeFlags.READONLY | VolumeFlags.SNAPSHOT)) !== 0;
     this.log.info(`volume ${name} opened${readOnly ? ' read-only' : ''}`, { generation: map.generation, size: map.size });
     return new Volume(map, this.store.data, readOnly);

@@ -1,5 +1,5 @@
 /**
- * Map chunk object, format v1: pure encode/decode over Buffers, no I/O
+ * Map chunk object, formats v1 and v2: pure encode/decode over Buffers, no I/O
  * (docs/format.md §3). Imports nothing from node:fs/net and nothing above.
  *
  * A chunk covers CHUNK_ENTRIES consecutive objects: chunk c holds the entries
@@ -22,6 +22,17 @@
  *       32   8·n  count entries × u64 (entry.ts), for chunk slots first .. first+count−1
  *   32+8·n     4  CRC32 (zlib) of every byte before it
  *
+ * Version 2 (only when an entry is content-addressed, kind 2) inserts a hash
+ * table between the entries and the CRC:
+ *
+ *   32+8·n     4  hash count h, u32
+ *   36+8·n  32·h  h SHA-256 digests; a kind-2 entry's low word indexes them
+ *   36+8·n+32·h 4 CRC32 of every byte before it
+ *
+ * The encoder writes v1 when no entry is kind 2 (so volumes without content
+ * entries stay byte-identical to v1), else v2 with a table rebuilt from the
+ * entries: each hash once, in order of first use, nothing unused.
+ *
  *   full chunk: 32 + 32768 + 4 = 32804 bytes = 8.009 bytes per entry
  *   one entry:  32 + 8 + 4 = 44 bytes;  no entries: 36 bytes
  *
@@ -34,11 +45,17 @@
  */
 import { crc32 } from 'node:zlib';
 
-import { checkEntryWords, entryFromWords, entryHigh, entryLow } from './entry.js';
+import {
+  EntryKind, checkEntryWords, entryFromWords, entryHashIndex, entryHigh, entryKind, entryLow, makeContentEntry,
+} from './entry.js';
 import { MapFormatError } from './errors.js';
 
 export const CHUNK_MAGIC = Buffer.from('ARCHVMCK', 'latin1');
 export const CHUNK_VERSION = 1;
+/** The version with a hash table (content-addressed entries). */
+export const CHUNK_VERSION_CONTENT = 2;
+export const HASH_BYTES = 32;
+const HASH_HEX = /^[0-9a-f]{64}$/;
 export const CHUNK_HEADER_LENGTH = 32;
 export const CHUNK_ENTRIES_LOG2 = 12;
 export const CHUNK_ENTRIES = 1 << CHUNK_ENTRIES_LOG2;
@@ -59,28 +76,59 @@ export interface ChunkIdentity {
   chunkIndex: number;
 }
 
-/** Encodes `entries` (length CHUNK_ENTRIES, each a valid MapEntry) as a chunk object. */
-export function encodeChunk(identity: ChunkIdentity, entries: Float64Array): Buffer {
+/** Size of a v2 chunk object holding `count` entries and `hashCount` hashes. */
+export function chunkByteLengthV2(count: number, hashCount: number): number {
+  return chunkByteLength(count) + 4 + HASH_BYTES * hashCount;
+}
+
+/**
+ * Encodes `entries` (length CHUNK_ENTRIES, each a valid MapEntry) as a chunk
+ * object. A kind-2 entry's low word indexes `hashes` (64 lowercase hex digits
+ * each); the stored table is rebuilt from the entries that use it
+ * (deduplicated, compacted) and the entries renumbered. No kind-2 entry: v1.
+ */
+export function encodeChunk(identity: ChunkIdentity, entries: Float64Array, hashes: readonly string[] = []): Buffer {
   let first = 0;
   while (first < CHUNK_ENTRIES && entries[first] === 0) first++;
   let end = CHUNK_ENTRIES;
   while (end > first && entries[end - 1] === 0) end--;
   if (first === end) first = end = 0;
   const count = end - first;
-  const buf = Buffer.alloc(chunkByteLength(count));
+  // The stored table: hash → stored index, in order of first use.
+  const table = new Map<string, number>();
+  const stored = new Float64Array(count);
+  for (let i = first; i < end; i++) {
+    let e = entries[i]!;
+    if (e !== 0 && entryKind(e) === EntryKind.CONTENT) {
+      const hash = hashes[entryHashIndex(e)];
+      if (hash === undefined || !HASH_HEX.test(hash)) throw new Error(`encodeChunk: entry ${i} names hash ${entryHashIndex(e)}, not in the table`);
+      let k = table.get(hash);
+      if (k === undefined) table.set(hash, k = table.size);
+      e = makeContentEntry(k);
+    }
+    stored[i - first] = e;
+  }
+  const v2 = table.size > 0;
+  const buf = Buffer.alloc(v2 ? chunkByteLengthV2(count, table.size) : chunkByteLength(count));
   CHUNK_MAGIC.copy(buf, 0);
-  buf.writeUInt16LE(CHUNK_VERSION, 8);
+  buf.writeUInt16LE(v2 ? CHUNK_VERSION_CONTENT : CHUNK_VERSION, 8);
   buf.writeUInt16LE(CHUNK_HEADER_LENGTH, 10);
   buf.writeUInt16LE(first, 12);
   buf.writeUInt16LE(count, 14);
   buf.write(identity.volumeId, 16, 8, 'hex');
   buf.writeUInt32LE(identity.generation, 24);
   buf.writeUInt32LE(identity.chunkIndex, 28);
-  for (let i = first, off = CHUNK_HEADER_LENGTH; i < end; i++, off += ENTRY_BYTES) {
-    const e = entries[i]!;
+  let off = CHUNK_HEADER_LENGTH;
+  for (let k = 0; k < count; k++, off += ENTRY_BYTES) {
+    const e = stored[k]!;
     if (e === 0) continue; // Buffer.alloc already zeroed it
     buf.writeUInt32LE(entryLow(e), off);
     buf.writeUInt32LE(entryHigh(e), off + 4);
+  }
+  if (v2) {
+    buf.writeUInt32LE(table.size, off);
+    off += 4;
+    for (const hash of table.keys()) off += buf.write(hash, off, HASH_BYTES, 'hex');
   }
   const crcOffset = buf.length - CRC_BYTES;
   buf.writeUInt32LE(crc32(buf.subarray(0, crcOffset)), crcOffset);
@@ -97,29 +145,53 @@ export interface EntryLimits {
   generation: number;
 }
 
+/** A decoded chunk: kind-2 entries index `hashes` (64 hex digits each). */
+export interface DecodedChunk {
+  entries: Float64Array;
+  hashes: string[];
+}
+
 /**
- * Decodes and validates a chunk object read from `objectName`. `expected` is
- * what the header's chunk ref promised; `limits` bound the entries. Throws
- * MapFormatError on any deviation.
+ * Decodes and validates a chunk object read from `objectName` (v1 or v2).
+ * `expected` is what the header's chunk ref promised; `limits` bound the
+ * entries. Throws MapFormatError on any deviation.
  */
 export function decodeChunk(
   buf: Buffer, objectName: string, expected: ChunkIdentity, limits: EntryLimits,
 ): Float64Array {
+  return decodeChunkTable(buf, objectName, expected, limits).entries;
+}
+
+/** decodeChunk, with the hash table that content entries index. */
+export function decodeChunkTable(
+  buf: Buffer, objectName: string, expected: ChunkIdentity, limits: EntryLimits,
+): DecodedChunk {
   const fail = (why: string): never => { throw new MapFormatError(objectName, why); };
   const minimum = chunkByteLength(0);
   if (buf.length < 10) fail(`truncated: ${buf.length} bytes, a chunk has at least ${minimum}`);
   if (!buf.subarray(0, 8).equals(CHUNK_MAGIC)) fail('bad magic: not a map chunk');
   const version = buf.readUInt16LE(8);
-  if (version !== CHUNK_VERSION) fail(`unsupported chunk format version ${version} (this build reads ${CHUNK_VERSION})`);
+  if (version !== CHUNK_VERSION && version !== CHUNK_VERSION_CONTENT) {
+    fail(`unsupported chunk format version ${version} (this build reads ${CHUNK_VERSION} and ${CHUNK_VERSION_CONTENT})`);
+  }
   if (buf.length < minimum) fail(`truncated: ${buf.length} bytes, a chunk has at least ${minimum}`);
   const headerLength = buf.readUInt16LE(10);
   if (headerLength !== CHUNK_HEADER_LENGTH) fail(`header length ${headerLength}, expected ${CHUNK_HEADER_LENGTH}`);
   const first = buf.readUInt16LE(12);
   const count = buf.readUInt16LE(14);
-  const expectedLength = chunkByteLength(count);
+  let hashCount = 0;
+  let expectedLength = chunkByteLength(count);
+  if (version === CHUNK_VERSION_CONTENT) {
+    const at = CHUNK_HEADER_LENGTH + count * ENTRY_BYTES;
+    if (buf.length < at + 4 + CRC_BYTES) {
+      fail(`truncated: ${buf.length} bytes, a v2 chunk of ${count} entries has at least ${at + 4 + CRC_BYTES}`);
+    }
+    hashCount = buf.readUInt32LE(at);
+    expectedLength = chunkByteLengthV2(count, hashCount);
+  }
   if (buf.length !== expectedLength) {
     fail(`${buf.length < expectedLength ? 'truncated' : 'trailing bytes'}: ${buf.length} bytes, `
-      + `a chunk of ${count} entries has ${expectedLength}`);
+      + `a chunk of ${count} entries${version === CHUNK_VERSION_CONTENT ? ` and ${hashCount} hashes` : ''} has ${expectedLength}`);
   }
   const crcOffset = buf.length - CRC_BYTES;
   const stored = buf.readUInt32LE(crcOffset);
@@ -136,18 +208,28 @@ export function decodeChunk(
   }
 
   const entries = new Float64Array(CHUNK_ENTRIES);
-  for (let i = first, off = CHUNK_HEADER_LENGTH; i < first + count; i++, off += ENTRY_BYTES) {
+  let off = CHUNK_HEADER_LENGTH;
+  let contentEntries = 0;
+  for (let i = first; i < first + count; i++, off += ENTRY_BYTES) {
     const low = buf.readUInt32LE(off);
     const high = buf.readUInt32LE(off + 4);
     if (low === 0 && high === 0) continue;
-    let why = checkEntryWords(low, high, limits.sourceCount);
-    if (why === null && (high & 0xffff) === limits.writerSource && low > limits.generation) {
+    let why = checkEntryWords(low, high, limits.sourceCount, hashCount);
+    const kind = high >>> 16;
+    if (why === null && kind === EntryKind.DATA && (high & 0xffff) === limits.writerSource && low > limits.generation) {
       why = `names generation ${low}, newer than the volume's ${limits.generation}`;
     }
+    if (why === null && kind === EntryKind.CONTENT) contentEntries++;
     if (why !== null) fail(`entry ${i} (object ${chunkIndex * CHUNK_ENTRIES + i}): ${why}`);
     entries[i] = entryFromWords(low, high);
   }
-  return entries;
+  const hashes: string[] = new Array(hashCount);
+  if (version === CHUNK_VERSION_CONTENT) {
+    if (hashCount === 0 || contentEntries === 0) fail('v2 chunk without content entries or hashes');
+    off += 4;
+    for (let k = 0; k < hashCount; k++, off += HASH_BYTES) hashes[k] = buf.toString('hex', off, off + HASH_BYTES);
+  }
+  return { entries, hashes };
 }
 
 function hex32(n: number): string {

@@ -39,6 +39,7 @@ import { loadLiveHeader, writeHeader } from './header-store.js';
 import { validateVolumeName } from './names.js';
 import { checkNameFree } from './snapshot-create.js';
 import { newVolumeId } from './volume-map.js';
+import { assertComplete } from './image-create.js';
 
 export interface CloneOptions {
   /** Bytes; at least the source's size (the default), at most 2^53 − 1. */
@@ -69,6 +70,7 @@ export async function cloneSnapshot(
 /** The clone's header, or UsageError when `source` cannot be cloned so. */
 function cloneHeader(source: VolumeHeader, sourceName: string, options: CloneOptions): VolumeHeader {
   const what = `clone of "${sourceName}"`;
+  assertComplete(sourceName, source.flags, 'clone of');
   if ((source.flags & (VolumeFlags.SNAPSHOT | VolumeFlags.READONLY)) === 0) {
     throw new UsageError(`${what}: "${sourceName}" is a writable volume, not a snapshot; snapshot it and clone the snapshot`);
   }

@@ -4,10 +4,11 @@
  * On storage an entry is a little-endian u64:
  *
  *   bits  0..31  generation   u32, ≥ 1: the <gen> of the object's name
+ *                (kind 2: index into the chunk's hash table, chunk format v2)
  *   bits 32..47  source       u16: index into the header's sources table,
- *                             whose volume id is the <volid> of the name
+ *                             whose volume id is the <volid> of the name (kind 2: 0)
  *   bits 48..51  kind         0 = absent, 1 = data object, 2 = content-addressed
- *                             (reserved for a later version; rejected by v1)
+ *                             (`sha256-<hex>`, immutable, never owned)
  *   bits 52..63  reserved     must be 0
  *
  * Absent is the whole u64 being 0: the object was never written (or trimmed),
@@ -68,17 +69,33 @@ export function entryFromWords(low: number, high: number): MapEntry {
   return high * TWO_32 + low;
 }
 
+/** Builds a content entry: kind CONTENT, source 0, low word = index into a hash table. */
+export function makeContentEntry(hashIndex: number): MapEntry {
+  return EntryKind.CONTENT * TWO_48 + hashIndex;
+}
+
+/** The hash-table index of a content entry (its low word). */
+export function entryHashIndex(entry: MapEntry): number {
+  return entry % TWO_32;
+}
+
 /**
- * Why the stored words are not a valid v1 entry for a map with `sourceCount`
- * sources, or null when they are. Kind 0 must be all zeros; kind 1 needs
- * generation ≥ 1 and a source inside the table; every other kind, and any
+ * Why the stored words are not a valid entry for a map with `sourceCount`
+ * sources and a hash table of `hashCount` hashes, or null when they are.
+ * Kind 0 must be all zeros; kind 1 needs generation ≥ 1 and a source inside
+ * the table; kind 2 needs source 0 and an index inside the hash table (a v1
+ * chunk has none, so it has no kind-2 entry); every other kind, and any
  * reserved bit, is corruption.
  */
-export function checkEntryWords(low: number, high: number, sourceCount: number): string | null {
+export function checkEntryWords(low: number, high: number, sourceCount: number, hashCount = 0): string | null {
   if (high >>> 20 !== 0) return `reserved entry bits set (high word 0x${(high >>> 0).toString(16)})`;
   const kind = high >>> 16;
   if (kind === EntryKind.ABSENT) return low === 0 && high === 0 ? null : 'absent entry with non-zero bits';
-  if (kind === EntryKind.CONTENT) return 'content-addressed entries are not supported by format v1';
+  if (kind === EntryKind.CONTENT) {
+    if ((high & 0xffff) !== 0) return `content entry with source ${high & 0xffff} (must be 0)`;
+    if (low >= hashCount) return `content entry names hash ${low}, but the chunk's hash table has ${hashCount}`;
+    return null;
+  }
   if (kind !== EntryKind.DATA) return `unknown entry kind ${kind}`;
   if (low === 0) return 'data entry with generation 0';
   const source = high & 0xffff;

@@ -30,6 +30,13 @@
  *     the volume's I/O, which docs/format.md §8 already requires (without it
  *     the snapshot itself could change under an in-place write).
  *
+ * Content objects `sha256-<hex>` (images, image-create.ts) are marked through
+ * the kind-2 entries of every chunk read, and an unreferenced one is deleted
+ * only when no header of either listing is INCOMPLETE (an image being built
+ * may have just found it and not yet mapped it) and the second listing found
+ * no header the mark missed. They have no generation to tell in-flight from
+ * garbage, so the whole class waits for a quiet run.
+ *
  * The writer of X is the header whose volume id is X (never a snapshot: a
  * snapshot has its own id and creates nothing). During a rename two headers
  * share the id; the larger generation counts.
@@ -41,16 +48,18 @@
  */
 import type { Blocker } from '../blockers/blocker.js';
 import type { Logger } from '../common/log.js';
-import { CHUNK_ENTRIES, decodeChunk } from './chunk-format.js';
-import { EntryKind, entryGeneration, entryKind, entrySource } from './entry.js';
+import { CHUNK_ENTRIES, decodeChunkTable } from './chunk-format.js';
+import { EntryKind, entryGeneration, entryHashIndex, entryKind, entrySource } from './entry.js';
 import { MapFormatError, VolumeNotFoundError } from './errors.js';
 import { MAX_GENERATION, VolumeFlags, type VolumeHeader } from './header-format.js';
 import { isNotFound, readHeader, tryReadHeader } from './header-store.js';
 import {
-  CHUNK_PREFIX, DATA_PREFIX, chunkObjectName, dataObjectName,
+  CAS_PREFIX, CHUNK_PREFIX, DATA_PREFIX, chunkObjectName, dataObjectName,
   parseChunkObjectName, parseDataObjectName,
 } from './names.js';
 import { HEADER_SCAN_CONCURRENCY, listHeaderNames, mapLimit } from './volume-list.js';
+
+const CAS_NAME = /^sha256-[0-9a-f]{64}$/;
 
 /** Deletions (and their stats) in flight at once. */
 export const SWEEP_CONCURRENCY = 32;
@@ -68,6 +77,11 @@ export interface GcResult {
   scannedHeaders: number;
   /** Distinct chunks and data objects the marked headers reach. */
   referencedObjects: number;
+  /**
+   * Why no `sha256-` object was swept this run (an image being built, or a
+   * header GC did not mark), or null when unreferenced ones were.
+   */
+  contentKeptBecause: string | null;
   /** Objects deleted (dry run: that would be deleted). */
   sweptObjects: number;
   sweptBytes: number;
@@ -88,6 +102,8 @@ interface Mark {
   referenced: Set<string>;
   /** Chunks already read and marked (a snapshot shares its origin's). */
   loadedChunks: Set<string>;
+  /** Names of headers with the INCOMPLETE flag (an image being built). */
+  incomplete: string[];
 }
 
 interface Candidate {
@@ -102,7 +118,7 @@ export async function collectGarbage(blocker: Blocker, options: GcOptions): Prom
   const data = options.data ?? blocker;
   const log = options.log;
   const mark: Mark = {
-    marked: new Set(), writerGeneration: new Map(), referenced: new Set(), loadedChunks: new Set(),
+    marked: new Set(), writerGeneration: new Map(), referenced: new Set(), loadedChunks: new Set(), incomplete: [],
   };
 
   const first = await listHeaderNames(blocker);
@@ -112,8 +128,19 @@ export async function collectGarbage(blocker: Blocker, options: GcOptions): Prom
   const candidates: Candidate[] = [];
   await listCandidates(blocker, CHUNK_PREFIX, (n) => parseChunkObjectName(n), mark, candidates);
   await listCandidates(data, DATA_PREFIX, (n) => parseDataObjectName(n), mark, candidates);
+  const content: string[] = [];
+  for await (const name of data.list(CAS_PREFIX)) {
+    if (!mark.referenced.has(name) && CAS_NAME.test(name)) content.push(name);
+  }
 
   const newIds = await idsOfUnmarkedHeaders(blocker, mark);
+  // Content objects carry no volume id or generation: an image being built
+  // may be about to reference any of them (it stats one, finds it, and maps
+  // it), so none is swept while any header is INCOMPLETE, nor when a header
+  // appeared that the mark did not read.
+  const contentKeptBecause = mark.incomplete.length > 0
+    ? `image${mark.incomplete.length > 1 ? 's' : ''} being built: ${mark.incomplete.join(', ')}`
+    : newIds.size > 0 ? 'volumes created while gc ran' : null;
 
   const result: GcResult = {
     scannedHeaders: mark.marked.size,
@@ -122,6 +149,7 @@ export async function collectGarbage(blocker: Blocker, options: GcOptions): Prom
     sweptBytes: 0,
     keptYoung: 0,
     keptNew: 0,
+    contentKeptBecause,
     errors: [],
   };
   const doomed: Candidate[] = [];
@@ -136,6 +164,9 @@ export async function collectGarbage(blocker: Blocker, options: GcOptions): Prom
       continue;
     }
     doomed.push(c);
+  }
+  if (contentKeptBecause === null) {
+    for (const name of content) doomed.push({ name, volumeId: '', generation: 0, blocker: data });
   }
 
   await mapLimit(doomed, SWEEP_CONCURRENCY, async (c) => {
@@ -179,20 +210,26 @@ async function markHeader(blocker: Blocker, name: string, mark: Mark): Promise<v
       throw aborted(new MapFormatError(chunkName, `missing, but "${name}" references it`));
     }
     let entries: Float64Array;
+    let hashes: string[];
     try {
-      entries = decodeChunk(buf, chunkName, { volumeId, generation: ref.generation, chunkIndex: ref.chunkIndex }, limits);
+      ({ entries, hashes } = decodeChunkTable(buf, chunkName, { volumeId, generation: ref.generation, chunkIndex: ref.chunkIndex }, limits));
     } catch (err) {
       throw aborted(err);
     }
     const base = ref.chunkIndex * CHUNK_ENTRIES;
     for (let i = 0; i < CHUNK_ENTRIES; i++) {
       const e = entries[i]!;
-      if (e === 0 || entryKind(e) !== EntryKind.DATA) continue;
+      if (e === 0) continue;
+      if (entryKind(e) === EntryKind.CONTENT) {
+        mark.referenced.add(CAS_PREFIX + hashes[entryHashIndex(e)]!);
+        continue;
+      }
       mark.referenced.add(dataObjectName(h.sources[entrySource(e)]!, entryGeneration(e), base + i));
     }
     mark.loadedChunks.add(chunkName);
   }
   mark.marked.add(`${name}/${h.volumeId}`);
+  if ((h.flags & VolumeFlags.INCOMPLETE) !== 0) mark.incomplete.push(name);
   if ((h.flags & VolumeFlags.SNAPSHOT) === 0) {
     const g = mark.writerGeneration.get(h.volumeId) ?? 0;
     mark.writerGeneration.set(h.volumeId, Math.max(g, h.generation));
@@ -229,6 +266,7 @@ async function idsOfUnmarkedHeaders(blocker: Blocker, mark: Mark): Promise<Set<s
       if (err instanceof VolumeNotFoundError) return;
       throw aborted(err);
     }
+    if ((h.flags & VolumeFlags.INCOMPLETE) !== 0 && !mark.incomplete.includes(name)) mark.incomplete.push(name);
     if (mark.marked.has(`${name}/${h.volumeId}`)) return;
     ids.add(h.volumeId);
     for (const id of h.sources) ids.add(id);

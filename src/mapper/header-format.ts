@@ -13,7 +13,8 @@
  *        8     2  format version, u16 = 1
  *       10     2  fixed part length, u16 = 80 (offset of the sources table)
  *       12     4  total length, u32, of the whole object including the CRC
- *       16     4  flags, u32: bit 0 READONLY, 1 SNAPSHOT, 2 IMAGE; others 0
+ *       16     4  flags, u32: bit 0 READONLY, 1 SNAPSHOT, 2 IMAGE, 3 INCOMPLETE
+ *                 (an image being built: not served, not cloned); others 0
  *       20     1  object size log2, u8, 16..26 (64 KiB .. 64 MiB)
  *       21     1  entries per chunk log2, u8 = 12 (4096)
  *       22     2  source count S, u16, ≥ 1
@@ -74,8 +75,13 @@ export const VolumeFlags = {
   SNAPSHOT: 2,
   /** Marked as an image to clone from (informational in v1). */
   IMAGE: 4,
+  /**
+   * An image still being built (image-create.ts): it is neither served nor
+   * cloned, and while any header has it, GC sweeps no `sha256-` object.
+   */
+  INCOMPLETE: 8,
 } as const;
-const KNOWN_FLAGS = VolumeFlags.READONLY | VolumeFlags.SNAPSHOT | VolumeFlags.IMAGE;
+const KNOWN_FLAGS = VolumeFlags.READONLY | VolumeFlags.SNAPSHOT | VolumeFlags.IMAGE | VolumeFlags.INCOMPLETE;
 
 /** A map chunk that exists: `m.<sources[source]>.<generation>.<chunkIndex>`. */
 export interface ChunkRef {

@@ -1,5 +1,5 @@
 /**
- * Volume names and the object namespace of format v1 (docs/format.md §1).
+ * Volume names and the object namespace (docs/format.md §1).
  *
  * All objects of all volumes live in one flat object-store namespace, and every
  * name is unique forever (DESIGN.md §3), so garbage collection can be a plain
@@ -8,7 +8,7 @@
  *   vol.<name>                   volume header        (one per volume name)
  *   m.<volid>.<gen>.<chunk>      map chunk            (4096 entries)
  *   d.<volid>.<gen>.<index>      data object          (objectSize bytes)
- *   sha256-<64 hex>              content-addressed    (reserved, later issue)
+ *   sha256-<64 hex>              content-addressed    (images: immutable, shared, never owned)
  *
  * <volid> is 16 lowercase hex digits (8 random bytes, chosen at create, kept by
  * rename). <gen>, <chunk> and <index> are lowercase hex WITHOUT padding and

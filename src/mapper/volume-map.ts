@@ -37,10 +37,10 @@ import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 
 import type { Blocker } from '../blockers/blocker.js';
-import { CHUNK_ENTRIES, decodeChunk, encodeChunk } from './chunk-format.js';
+import { CHUNK_ENTRIES, decodeChunkTable, encodeChunk } from './chunk-format.js';
 import {
-  ENTRY_ABSENT, EntryKind, checkEntryWords, entryGeneration, entryHigh, entryKind, entryLow,
-  entrySource, makeEntry, type MapEntry,
+  ENTRY_ABSENT, EntryKind, checkEntryWords, entryGeneration, entryHashIndex, entryHigh, entryKind, entryLow,
+  entrySource, makeContentEntry, makeEntry, type MapEntry,
 } from './entry.js';
 import { MapFormatError, UsageError, VolumeExistsError, VolumeNotFoundError } from './errors.js';
 import { GroupCommit } from './group-commit.js';
@@ -50,7 +50,7 @@ import {
   type ChunkRef, type ParentInfo, type VolumeHeader,
 } from './header-format.js';
 import { isNotFound, loadLiveHeader } from './header-store.js';
-import { chunkObjectName, dataObjectName, headerObjectName, validateVolumeName } from './names.js';
+import { CAS_PREFIX, chunkObjectName, dataObjectName, headerObjectName, validateVolumeName } from './names.js';
 
 export { listVolumes } from './volume-list.js';
 export { removeVolume, type RemoveResult } from './volume-remove.js';
@@ -68,6 +68,8 @@ export interface CreateOptions {
   /** Bytes, a power of two from 64 KiB to 64 MiB; default 4 MiB. */
   objectSize?: number;
   cacheChunks?: number;
+  /** Header flags (VolumeFlags) of the new volume; default 0. image-create.ts builds READONLY images so. */
+  flags?: number;
 }
 
 export interface OpenOptions {
@@ -82,6 +84,15 @@ export interface EntryUpdate {
   /** The new entry (ENTRY_ABSENT to unmap). */
   entry: MapEntry;
 }
+
+/** A content-addressed object for object `index`: `sha256-<hash>`. */
+export interface ContentUpdate {
+  index: number;
+  /** SHA-256 of the object's bytes, 64 lowercase hex digits. */
+  hash: string;
+}
+
+const HASH_HEX = /^[0-9a-f]{64}$/;
 
 export interface SetEntriesOptions {
   /**
@@ -148,6 +159,16 @@ export class VolumeMap {
     chunkLoads: 0, chunkWrites: 0, chunkNewNames: 0, headerWrites: 0, dataSyncs: 0, evictions: 0,
   };
   #objectCount: number;
+  /**
+   * Hashes that content entries (kind 2) in memory index: one table for the
+   * whole map, append-only while it is open, so an entry value never changes
+   * meaning (a lookup and the objectName that follows may straddle a commit).
+   * Chunks store their own compacted table (chunk-format.ts); loading maps
+   * its indexes here, writing maps them back. Costs ~100 bytes per distinct
+   * hash loaded or set during the map's life.
+   */
+  readonly #hashes: string[] = [];
+  readonly #hashIndex = new Map<string, number>();
   #tick = 0;
   #closed = false;
   #closing: Promise<void> | null = null;
@@ -181,6 +202,7 @@ export class VolumeMap {
     } catch (err) {
       if (!(err instanceof VolumeNotFoundError)) throw err;
       const header = newHeader(options.size, objectSizeLog2);
+      header.flags = options.flags ?? 0;
       await blocker.replace(headerObjectName(name), encodeHeader(header));
       return new VolumeMap(blocker, name, header, true, options.cacheChunks);
     }
@@ -300,8 +322,16 @@ export class VolumeMap {
     await this.#load(this.#slot(chunkIndex));
   }
 
-  /** Name of the data object an entry (kind DATA) names for object `index`. */
+  /**
+   * Name of the object an entry names for object `index`: `d.<id>.<gen>.<index>`
+   * for kind DATA, `sha256-<hash>` for kind CONTENT.
+   */
   objectName(entry: MapEntry, index: number): string {
+    if (entryKind(entry) === EntryKind.CONTENT) {
+      const hash = this.#hashes[entryHashIndex(entry)];
+      assert.ok(hash !== undefined, 'objectName: content entry outside the hash table');
+      return CAS_PREFIX + hash;
+    }
     assert.equal(entryKind(entry), EntryKind.DATA, 'objectName: entry is not a data entry');
     const volumeId = this.#header.sources[entrySource(entry)];
     assert.ok(volumeId !== undefined, 'objectName: entry source outside the sources table');
@@ -318,6 +348,37 @@ export class VolumeMap {
     return this.#writable && entryKind(entry) === EntryKind.DATA
       && entrySource(entry) === this.#header.writerSource
       && entryGeneration(entry) >= this.#header.writableSince;
+  }
+
+  /**
+   * The entry naming the content-addressed object `sha256-<hash>` (64
+   * lowercase hex digits). Such objects are immutable and never owned: the
+   * first write to the index copies up into a data object.
+   */
+  contentEntry(hash: string): MapEntry {
+    assert.ok(HASH_HEX.test(hash), `bad content hash ${JSON.stringify(hash)}`);
+    return makeContentEntry(this.#intern(hash));
+  }
+
+  /**
+   * setEntries for content-addressed objects (contentEntry each). The objects
+   * must already exist durably: nothing here syncs them.
+   */
+  setContent(updates: readonly ContentUpdate[]): Promise<void> {
+    return this.setEntries(updates.map((u) => ({ index: u.index, entry: this.contentEntry(u.hash) })));
+  }
+
+  /**
+   * Sets the header flags (VolumeFlags) and persists the header once every
+   * queued and in-flight chunk commit is durable: image-create.ts clears
+   * INCOMPLETE so only after the whole map is on storage.
+   */
+  async setFlags(flags: number): Promise<void> {
+    this.#assertWritable();
+    while (this.#sharing !== null) await this.#sharing;
+    await this.#drain();
+    this.#header.flags = flags;
+    await this.#headerCommit.request();
   }
 
   /** The entry for an object this session creates: our source, current generation. */
@@ -489,13 +550,33 @@ export class VolumeMap {
       throw err;
     }
     this.#stats.chunkLoads++;
-    return decodeChunk(buf, objectName, { volumeId, generation: ref.generation, chunkIndex: ref.chunkIndex }, {
+    const decoded = decodeChunkTable(buf, objectName, { volumeId, generation: ref.generation, chunkIndex: ref.chunkIndex }, {
       sourceCount: this.#header.sources.length,
       writerSource: this.#header.writerSource,
       // A writer holds the lock, so no entry can be newer than its generation.
       // A reader's header may be older than a chunk the writer rewrote since.
       generation: this.#writable ? this.#header.generation : MAX_GENERATION,
     });
+    const { entries, hashes } = decoded;
+    if (hashes.length > 0) {
+      // Chunk-local hash indexes → the map's table.
+      const global = hashes.map((h) => this.#intern(h));
+      for (let i = 0; i < CHUNK_ENTRIES; i++) {
+        const e = entries[i]!;
+        if (e !== 0 && entryKind(e) === EntryKind.CONTENT) entries[i] = makeContentEntry(global[entryHashIndex(e)]!);
+      }
+    }
+    return entries;
+  }
+
+  #intern(hash: string): number {
+    let k = this.#hashIndex.get(hash);
+    if (k === undefined) {
+      k = this.#hashes.length;
+      this.#hashes.push(hash);
+      this.#hashIndex.set(hash, k);
+    }
+    return k;
   }
 
   /** Evicts least recently used idle chunks beyond the cache size. */
@@ -564,7 +645,7 @@ export class VolumeMap {
     const target: ChunkRef = inPlace ? current : { chunkIndex: slot.index, source: h.writerSource, generation: h.generation };
     const volumeId = h.sources[target.source]!;
     await this.#blocker.replace(chunkObjectName(volumeId, target.generation, target.chunkIndex),
-      encodeChunk({ volumeId, generation: target.generation, chunkIndex: target.chunkIndex }, next));
+      encodeChunk({ volumeId, generation: target.generation, chunkIndex: target.chunkIndex }, next, this.#hashes));
     this.#stats.chunkWrites++;
     // From here memory follows the newest chunk object: a later header write
     // will reach it even if the one below fails.
@@ -608,9 +689,10 @@ export class VolumeMap {
   #assertEntry(entry: MapEntry): void {
     if (entry === ENTRY_ABSENT) return;
     assert.ok(Number.isSafeInteger(entry) && entry > 0, `bad map entry ${entry}`);
-    const why = checkEntryWords(entryLow(entry), entryHigh(entry), this.#header.sources.length);
+    const why = checkEntryWords(entryLow(entry), entryHigh(entry), this.#header.sources.length, this.#hashes.length);
     assert.ok(why === null, `bad map entry ${entry}: ${why}`);
-    assert.ok(entrySource(entry) !== this.#header.writerSource || entryGeneration(entry) <= this.#header.generation,
+    assert.ok(entryKind(entry) !== EntryKind.DATA || entrySource(entry) !== this.#header.writerSource
+      || entryGeneration(entry) <= this.#header.generation,
       `bad map entry ${entry}: generation newer than the volume's`);
   }
 }

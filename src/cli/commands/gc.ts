@@ -25,6 +25,7 @@ export const gc: CommandModule<object, Args> = {
         process.stdout.write(`gc: ${verb} ${r.sweptObjects} objects (${formatSize(r.sweptBytes)}); `
           + `${r.scannedHeaders} headers, ${r.referencedObjects} referenced objects; `
           + `kept ${r.keptYoung} young and ${r.keptNew} of new volumes\n`);
+        if (r.contentKeptBecause) process.stdout.write(`gc: kept every unreferenced sha256- object: ${r.contentKeptBecause}\n`);
         for (const e of r.errors) process.stderr.write(`archipelago: gc: could not delete ${e}\n`);
       }
       if (r.errors.length > 0) process.exitCode = 1;

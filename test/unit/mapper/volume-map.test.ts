@@ -161,7 +161,7 @@ t.test('setEntries asserts what the layers above validated', async (t) => {
   await t.rejects(map.setEntries([{ index: 256, entry: map.newEntry() }]), /object index 256 outside/);
   await t.rejects(map.setEntries([{ index: 0, entry: makeEntry(EntryKind.DATA, 1, 1) }]), /names source 1, but the header has 1/);
   await t.rejects(map.setEntries([{ index: 0, entry: makeEntry(EntryKind.DATA, 0, 2) }]), /generation newer than the volume's/);
-  await t.rejects(map.setEntries([{ index: 0, entry: makeEntry(EntryKind.CONTENT, 0, 1) }]), /content-addressed/);
+  await t.rejects(map.setEntries([{ index: 0, entry: makeEntry(EntryKind.CONTENT, 0, 1) }]), /content entry names hash 1, but the chunk's hash table has 0/);
   await t.rejects(map.setEntries([{ index: 0, entry: -1 }]), /bad map entry -1/);
   t.throws(() => map.objectName(0, 1), /not a data entry/);
 });
