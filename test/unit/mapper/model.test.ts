@@ -4,7 +4,10 @@
  *
  * A seeded random sequence of steps over a few small volumes (16 × 64 KiB
  * objects): write / trim / write-zeroes (some NO_HOLE, some FUA) on writable
- * volumes; snapshot (inside Volume.quiesce); clone of a random snapshot;
+ * volumes; snapshot (inside Volume.quiesce); hash of a random snapshot into a
+ * content-addressed image (ImageBuilder, as the `hash` CLI, reading the
+ * snapshot through a read-only Volume; the image's model is the snapshot's);
+ * clone of a random snapshot or image;
  * remove of a random volume, snapshot or clone (its Volume closed first; a
  * snapshot with clones may go: the clones keep reading their data); GC;
  * restart (close every Volume and the blocker, reopen on the same storage,
@@ -19,7 +22,8 @@
  * independently of gc.ts from the headers and maps: every object a header
  * reaches (chunk or data object) exists, and every `m.`/`d.` object left is
  * reached by some header or is of its writer's current generation (which GC
- * must keep: a writer may be about to map it).
+ * must keep: a writer may be about to map it); every `sha256-` object an
+ * image maps exists, and an unreferenced one is left only when GC said why.
  *
  * Seeds: ARCHIPELAGO_MODEL_SEED runs one seed; otherwise a fixed set plus one
  * fresh seed, printed. ARCHIPELAGO_MODEL_STEPS sets the steps per seed.
@@ -34,6 +38,7 @@ import { VolumeFlags } from '../../../src/mapper/header-format.js';
 import { readHeader } from '../../../src/mapper/header-store.js';
 import { chunkObjectName, parseChunkObjectName, parseDataObjectName } from '../../../src/mapper/names.js';
 import { ENTRY_ABSENT } from '../../../src/mapper/entry.js';
+import { ImageBuilder } from '../../../src/mapper/image-create.js';
 import { listHeaderNames } from '../../../src/mapper/volume-list.js';
 import {
   VolumeMap, cloneSnapshot, createSnapshot, listVolumes, removeVolume,
@@ -49,9 +54,10 @@ const SEEDS = process.env.ARCHIPELAGO_MODEL_SEED !== undefined
   ? [Number(process.env.ARCHIPELAGO_MODEL_SEED)]
   : [1, 2, 3, (Date.now() ^ (process.pid << 8)) >>> 0];
 
-function assemble(length: number, pieces: ReadPiece[]): Buffer {
+/** The bytes of a read of `length` bytes at `base` (piece offsets are absolute). */
+function assemble(length: number, pieces: ReadPiece[], base = 0): Buffer {
   const out = Buffer.alloc(length);
-  for (const p of pieces) if (p.data) p.data.copy(out, p.offset, 0, p.length);
+  for (const p of pieces) if (p.data) p.data.copy(out, p.offset - base, 0, p.length);
   return out;
 }
 
@@ -61,6 +67,8 @@ class Model {
   /** Name → the bytes it must read. */
   readonly contents = new Map<string, Buffer>();
   readonly snapshots = new Set<string>();
+  /** Content-addressed images built from snapshots (read-only, never opened for writing). */
+  readonly images = new Set<string>();
   /** Open Volumes of the writable names. */
   readonly open = new Map<string, Volume>();
   readonly counts: Record<string, number> = {};
@@ -139,6 +147,32 @@ class Model {
     return `clone ${snap} as ${name}`;
   }
 
+  /** Builds a content-addressed image of `snap` as the `hash` CLI does, reading through a read-only Volume. */
+  async hash(snap: string): Promise<string> {
+    const name = this.newName('i');
+    const map = await VolumeMap.open(this.blocker, snap, { forWrite: false });
+    const source = new Volume(map, this.blocker, true);
+    let stats;
+    try {
+      const builder = await ImageBuilder.begin(this.blocker, this.blocker, name, { size: SIZE, objectSize: OBJ });
+      try {
+        for (let index = 0; index < OBJECTS; index++) {
+          await builder.put(index, assemble(OBJ, await source.read(index * OBJ, OBJ), index * OBJ));
+        }
+        await builder.finish();
+      } catch (err) {
+        await builder.abort();
+        throw err;
+      }
+      stats = builder.stats;
+    } finally {
+      await source.close();
+    }
+    this.contents.set(name, Buffer.from(this.contents.get(snap)!));
+    this.images.add(name);
+    return `hash ${snap} as ${name} (${stats.stored} stored, ${stats.deduplicated} dedup, ${stats.zero} zero)`;
+  }
+
   async remove(name: string): Promise<string> {
     const vol = this.open.get(name);
     if (vol) {
@@ -148,6 +182,7 @@ class Model {
     const r = await removeVolume(this.blocker, name);
     this.contents.delete(name);
     this.snapshots.delete(name);
+    this.images.delete(name);
     return `remove ${name} (${r.removedObjects} objects deleted${r.objectsKeptBecause ? `; kept: ${r.objectsKeptBecause}` : ''})`;
   }
 
@@ -158,7 +193,7 @@ class Model {
 
   async reopenAll(): Promise<void> {
     this.blocker = this.blocker.reopen();
-    for (const name of [...this.contents.keys()].sort()) if (!this.snapshots.has(name)) await this.openVolume(name);
+    for (const name of [...this.contents.keys()].sort()) if (!this.snapshots.has(name) && !this.images.has(name)) await this.openVolume(name);
   }
 
   async restart(): Promise<string> {
@@ -219,7 +254,7 @@ class Model {
    * object exists, and every object left is reachable or of its writer's
    * current generation.
    */
-  async checkGc(t: Test, step: string): Promise<boolean> {
+  async checkGc(t: Test, step: string, contentKeptBecause: string | null): Promise<boolean> {
     const b = this.blocker;
     const reached = new Set<string>();
     const writerGeneration = new Map<string, number>();
@@ -240,9 +275,14 @@ class Model {
     const missing: string[] = [];
     for (const name of reached) if (await b.stat(name).then(() => false, () => true)) missing.push(name);
     const garbage: string[] = [];
-    for (const prefix of ['m.', 'd.']) {
+    for (const prefix of ['m.', 'd.', 'sha256-']) {
       for await (const name of b.list(prefix)) {
         if (reached.has(name)) continue;
+        if (prefix === 'sha256-') {
+          // Unreferenced content objects go only in a quiet run (no image being built).
+          if (contentKeptBecause === null) garbage.push(name);
+          continue;
+        }
         const parts = prefix === 'm.' ? parseChunkObjectName(name) : parseDataObjectName(name);
         if (parts !== null && writerGeneration.get(parts.volumeId) === parts.generation) continue;
         garbage.push(name);
@@ -256,6 +296,7 @@ class Model {
   async step(t: Test, n: number): Promise<string> {
     const writable = [...this.open.keys()];
     const snaps = [...this.snapshots];
+    const images = [...this.images];
     const names = [...this.contents.keys()];
     const r = this.rand();
     const count = (what: string): void => { this.counts[what] = (this.counts[what] ?? 0) + 1; };
@@ -266,16 +307,21 @@ class Model {
     }
     if (r < 0.6) { count('mutate'); return this.mutate(this.pick(writable)!); }
     if (r < 0.68 && names.length < MAX_NAMES) { count('snapshot'); return this.snapshot(this.pick(writable)!); }
-    if (r < 0.74 && names.length < MAX_NAMES && snaps.length > 0) { count('clone'); return this.clone(this.pick(snaps)!); }
-    if (r < 0.82 || names.length >= MAX_NAMES) { count('remove'); return this.remove(this.pick(names)!); }
-    if (r < 0.9) {
+    if (r < 0.74 && names.length < MAX_NAMES && snaps.length + images.length > 0) {
+      const source = this.pick([...snaps, ...images])!;
+      count(this.images.has(source) ? 'cloneImage' : 'clone');
+      return this.clone(source);
+    }
+    if (r < 0.78 && names.length < MAX_NAMES && snaps.length > 0) { count('hash'); return this.hash(this.pick(snaps)!); }
+    if (r < 0.84 || names.length >= MAX_NAMES) { count('remove'); return this.remove(this.pick(names)!); }
+    if (r < 0.91) {
       count('gc');
       const res = await collectGarbage(this.blocker, { dryRun: false });
       if (res.errors.length > 0) t.fail(`step ${n}: gc errors ${res.errors.join('; ')}`);
-      if (!(await this.checkGc(t, `step ${n} gc`))) throw new Error('gc check failed');
+      if (!(await this.checkGc(t, `step ${n} gc`, res.contentKeptBecause))) throw new Error('gc check failed');
       return `gc (${res.sweptObjects} swept, ${res.keptYoung} young)`;
     }
-    if (r < 0.95) { count('restart'); return this.restart(); }
+    if (r < 0.955) { count('restart'); return this.restart(); }
     count('powerCut');
     return this.powerCut();
   }
@@ -305,8 +351,8 @@ for (const seed of SEEDS) {
     // Finally: a GC after closing everything leaves only what the live names reach.
     if (ok) {
       await m.closeAll();
-      await collectGarbage(m.blocker, { dryRun: false });
-      ok = await m.checkGc(t, 'final gc') && await m.check(t, 'final');
+      const res = await collectGarbage(m.blocker, { dryRun: false });
+      ok = await m.checkGc(t, 'final gc', res.contentKeptBecause) && await m.check(t, 'final');
     }
     t.ok(ok, `model held for ${STEPS} steps: ${JSON.stringify(m.counts)}`);
   });
