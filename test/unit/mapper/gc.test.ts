@@ -8,60 +8,15 @@
  */
 import t, { type Test } from 'tap';
 import { MemoryBlocker } from '../../../src/blockers/memory.js';
-import { Volume } from '../../../src/compose/volume.js';
 import { MapFormatError } from '../../../src/mapper/errors.js';
 import { collectGarbage, type GcResult } from '../../../src/mapper/gc.js';
 import { decodeHeader } from '../../../src/mapper/header-format.js';
 import { dataObjectName, chunkObjectName, parseDataObjectName } from '../../../src/mapper/names.js';
 import {
-  VolumeMap, cloneSnapshot, createSnapshot, removeVolume, renameVolume, snapshotVolume,
+  cloneSnapshot, createSnapshot, removeVolume, renameVolume, snapshotVolume,
 } from '../../../src/mapper/volume-map.js';
 import { prng } from './fixtures.js';
-
-const KiB = 1024;
-const OBJ = 64 * KiB;
-const OBJECTS = 16;
-const SIZE = OBJECTS * OBJ;
-
-/** Byte i is a function of (seed, absolute position); never 0. */
-function pattern(seed: number, at: number, length: number): Buffer {
-  const b = Buffer.alloc(length);
-  for (let i = 0; i < length; i++) b[i] = ((at + i) * 31 + seed * 97 + ((at + i) >>> 9)) & 0xff || 1;
-  return b;
-}
-
-/** A volume open through compose, with the bytes it should hold. */
-class Open {
-  constructor(readonly map: VolumeMap, readonly vol: Volume, readonly model: Buffer) {}
-
-  static async create(b: MemoryBlocker, name: string, size = SIZE): Promise<Open> {
-    const map = await VolumeMap.create(b, name, { size, objectSize: OBJ });
-    return new Open(map, new Volume(map, b, false), Buffer.alloc(size));
-  }
-
-  static async open(b: MemoryBlocker, name: string, forWrite: boolean, model: Buffer): Promise<Open> {
-    const map = await VolumeMap.open(b, name, { forWrite });
-    return new Open(map, new Volume(map, b, !forWrite), Buffer.from(model));
-  }
-
-  get id(): string { return this.map.id; }
-
-  async write(seed: number, at: number, length: number): Promise<void> {
-    const data = pattern(seed, at, length);
-    await this.vol.write(at, data, false);
-    data.copy(this.model, at);
-  }
-
-  async readAll(): Promise<Buffer> {
-    const out = Buffer.alloc(this.vol.size);
-    for (const p of await this.vol.read(0, this.vol.size)) if (p.data) p.data.copy(out, p.offset);
-    return out;
-  }
-
-  close(): Promise<void> {
-    return this.vol.close();
-  }
-}
+import { OBJ, OBJECTS, Open, SIZE } from './open-volume.js';
 
 /** What volume `name` reads, opened read-only. */
 async function contents(b: MemoryBlocker, name: string): Promise<Buffer> {
