@@ -186,13 +186,8 @@ export async function collectGarbage(blocker: Blocker, options: GcOptions): Prom
 
 /** Marks header `name` and everything it reaches; a header removed meanwhile is skipped. */
 async function markHeader(blocker: Blocker, name: string, mark: Mark): Promise<void> {
-  let h: VolumeHeader;
-  try {
-    h = await readHeader(blocker, name);
-  } catch (err) {
-    if (err instanceof VolumeNotFoundError) return;
-    throw aborted(err);
-  }
+  const h = await headerOrGone(blocker, name);
+  if (h === null) return;
   const limits = { sourceCount: h.sources.length, writerSource: h.writerSource, generation: MAX_GENERATION };
   for (const ref of h.chunkRefs) {
     const volumeId = h.sources[ref.source]!;
@@ -259,13 +254,8 @@ async function idsOfUnmarkedHeaders(blocker: Blocker, mark: Mark): Promise<Set<s
   const ids = new Set<string>();
   const names = await listHeaderNames(blocker);
   await mapLimit(names, HEADER_SCAN_CONCURRENCY, async (name) => {
-    let h: VolumeHeader;
-    try {
-      h = await readHeader(blocker, name);
-    } catch (err) {
-      if (err instanceof VolumeNotFoundError) return;
-      throw aborted(err);
-    }
+    const h = await headerOrGone(blocker, name);
+    if (h === null) return;
     if ((h.flags & VolumeFlags.INCOMPLETE) !== 0 && !mark.incomplete.includes(name)) mark.incomplete.push(name);
     if (mark.marked.has(`${name}/${h.volumeId}`)) return;
     ids.add(h.volumeId);
@@ -275,6 +265,16 @@ async function idsOfUnmarkedHeaders(blocker: Blocker, mark: Mark): Promise<Set<s
 }
 
 /** The error that stops a collection before anything is deleted. */
+/** Header `name`, or null when it was removed meanwhile; anything unreadable aborts the run. */
+async function headerOrGone(blocker: Blocker, name: string): Promise<VolumeHeader | null> {
+  try {
+    return await readHeader(blocker, name);
+  } catch (err) {
+    if (err instanceof VolumeNotFoundError) return null;
+    throw aborted(err);
+  }
+}
+
 function aborted(err: unknown): Error {
   if (err instanceof MapFormatError) {
     return new MapFormatError(err.objectName, `${err.message.replace(/^map object "[^"]*": /, '')} `
