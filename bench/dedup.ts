@@ -25,16 +25,11 @@ import crypto from 'node:crypto';
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
 import { performance } from 'node:perf_hooks';
-import { fileURLToPath } from 'node:url';
 import { parseSize } from '../src/cli/sizes.js';
+import { mulberry32 } from '../src/common/prng.js';
+import { argValue, cliPath as cli, root } from './lib.js';
 
 const execFileP = promisify(execFile);
-const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
-const cli = path.join(root, 'build/src/cli/main.js');
-const argValue = (name: string, def: string) => {
-  const i = process.argv.indexOf(`--${name}`);
-  return i > 0 ? process.argv[i + 1]! : def;
-};
 const baseDir = argValue('dir', os.tmpdir());
 const sizeArg = argValue('size', '256M');
 
@@ -44,17 +39,8 @@ const size = parseSize(sizeArg);
 if (size <= 0 || size % BLOCK !== 0) throw new Error(`--size must be a positive multiple of 4 MiB, not ${sizeArg}`);
 const nBlocks = size / BLOCK;
 
-/** Deterministic layout (mulberry32), so runs are comparable; the data itself is random. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+/** Deterministic layout (seeded), so runs are comparable; the data itself is random. */
+const prng = mulberry32;
 
 type Block = { kind: 'zero' } | { kind: 'random' } | { kind: 'repeat'; of: number };
 

@@ -6,8 +6,21 @@
 import { spawn, execFile, type ChildProcess } from 'node:child_process';
 import { promisify } from 'node:util';
 import net from 'node:net';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
 
 const execFileP = promisify(execFile);
+
+/** The repository root (bench files run from build/bench/). */
+export const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
+/** The compiled CLI. */
+export const cliPath = path.join(root, 'build/src/cli/main.js');
+
+/** The value after `--name` on the command line, or `def`. */
+export function argValue(name: string, def: string): string {
+  const i = process.argv.indexOf(`--${name}`);
+  return i > 0 && process.argv[i + 1] !== undefined ? process.argv[i + 1]! : def;
+}
 
 export interface Target {
   name: string;

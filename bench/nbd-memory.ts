@@ -5,16 +5,10 @@
  *   npm run build && node build/bench/nbd-memory.js [--rounds 3] [--runtime 5]
  */
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { compare, freePort, prefill, spawnServer, versionOf, waitForPort, type Target, type Workload } from './lib.js';
+import { compare, freePort, prefill, spawnServer, versionOf, waitForPort, type Target, type Workload, argValue, root } from './lib.js';
 
-const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
-const arg = (name: string, def: number) => {
-  const i = process.argv.indexOf(`--${name}`);
-  return i > 0 ? Number(process.argv[i + 1]) : def;
-};
-const rounds = arg('rounds', 3);
-const runtime = arg('runtime', 5);
+const rounds = Number(argValue('rounds', '3'));
+const runtime = Number(argValue('runtime', '5'));
 const SIZE = '1G';
 
 const targets: Target[] = [

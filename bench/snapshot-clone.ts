@@ -25,20 +25,14 @@ import path from 'node:path';
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
 import { performance } from 'node:perf_hooks';
-import { fileURLToPath } from 'node:url';
 import type { Blocker, BlockerCapabilities, ObjectStat } from '../src/blockers/blocker.js';
 import { openFileBlocker } from '../src/blockers/file.js';
 import { VolumeMap, type EntryUpdate } from '../src/mapper/volume-map.js';
 import { snapshotVolume } from '../src/mapper/snapshot-create.js';
 import { cloneSnapshot } from '../src/mapper/clone-create.js';
-import { median, versionOf } from './lib.js';
+import { median, versionOf, argValue, root } from './lib.js';
 
 const execFileP = promisify(execFile);
-const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
-const argValue = (name: string, def: string) => {
-  const i = process.argv.indexOf(`--${name}`);
-  return i > 0 ? process.argv[i + 1]! : def;
-};
 const RUNS = Number(argValue('runs', '5'));
 const baseDir = argValue('dir', os.tmpdir());
 

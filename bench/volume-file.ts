@@ -11,16 +11,9 @@ import os from 'node:os';
 import path from 'node:path';
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
-import { fileURLToPath } from 'node:url';
-import { compare, freePort, prefill, spawnServer, versionOf, waitForPort, type Target, type Workload } from './lib.js';
+import { compare, freePort, prefill, spawnServer, versionOf, waitForPort, type Target, type Workload, argValue, cliPath as cli } from './lib.js';
 
 const execFileP = promisify(execFile);
-const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
-const cli = path.join(root, 'build/src/cli/main.js');
-const argValue = (name: string, def: string) => {
-  const i = process.argv.indexOf(`--${name}`);
-  return i > 0 ? process.argv[i + 1]! : def;
-};
 const rounds = Number(argValue('rounds', '3'));
 const runtime = Number(argValue('runtime', '5'));
 const SIZE = '1G';
