@@ -34,6 +34,13 @@ export class MemoryStore {
     return pieces;
   }
 
+  /** The bytes of a range, holes as zeros (what a client would read). */
+  bytes(offset: number, length: number): Buffer {
+    const out = Buffer.alloc(length);
+    for (const p of this.read(offset, length)) if (p.data) p.data.copy(out, p.offset - offset);
+    return out;
+  }
+
   write(offset: number, data: Buffer): void {
     for (const e of splitRange(offset, data.length, MemoryStore.PAGE)) {
       let buf = this.pages.get(e.index);

@@ -7,19 +7,11 @@ import t from 'tap';
 import fs from 'node:fs/promises';
 import path from 'node:path';
 import type { Export } from '../../src/nbd/export.js';
-import type { MemoryStore } from '../helpers/exports.js';
 import { startTestServer, type TestServer } from '../helpers/nbd-server.js';
 import { diag, randomFile, run, tempDir } from '../helpers/run.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
-
-/** Reads a MemoryStore's bytes directly (holes as zeros). */
-function storeBytes(store: MemoryStore, offset: number, length: number): Buffer {
-  const out = Buffer.alloc(length);
-  for (const p of store.read(offset, length)) if (p.data) p.data.copy(out, p.offset - offset);
-  return out;
-}
 
 /** Records the FUA flag of every WRITE the server hands to its exports. */
 function recordFua(srv: TestServer): boolean[] {
@@ -73,15 +65,15 @@ for (const cache of ['default', 'none'] as const) {
     t.match(r.stdout, /discard 1048576\/1048576 bytes at offset 1048576/, 'discard reported');
 
     // What the server stored, seen directly.
-    t.ok(storeBytes(store, 0, 64 * KiB).every((b) => b === 0xab), 'store holds 0xab at 0');
-    t.ok(storeBytes(store, 64 * KiB, 64 * KiB).every((b) => b === 0), 'store holds zeros after write -z');
+    t.ok(store.bytes(0, 64 * KiB).every((b) => b === 0xab), 'store holds 0xab at 0');
+    t.ok(store.bytes(64 * KiB, 64 * KiB).every((b) => b === 0), 'store holds zeros after write -z');
     for (let page = 16; page < 32; page++) t.notOk(store.pages.has(page), `discarded page ${page} is a hole`);
-    t.ok(storeBytes(store, 2 * MiB, 16 * KiB).every((b) => b === 0xcd), 'writev landed');
-    t.ok(storeBytes(store, 3 * MiB, 64 * KiB).every((b) => b === 0xee), 'aio_write landed');
-    t.ok(storeBytes(store, 4 * MiB, 4 * KiB).every((b) => b === 0x11), 'write -f landed');
-    t.ok(storeBytes(store, 5000001, 12345).every((b) => b === 0x77), 'unaligned write landed');
-    t.equal(storeBytes(store, 5000000, 1)[0], 0, 'byte before the unaligned write untouched');
-    t.equal(storeBytes(store, 5000001 + 12345, 1)[0], 0, 'byte after the unaligned write untouched');
+    t.ok(store.bytes(2 * MiB, 16 * KiB).every((b) => b === 0xcd), 'writev landed');
+    t.ok(store.bytes(3 * MiB, 64 * KiB).every((b) => b === 0xee), 'aio_write landed');
+    t.ok(store.bytes(4 * MiB, 4 * KiB).every((b) => b === 0x11), 'write -f landed');
+    t.ok(store.bytes(5000001, 12345).every((b) => b === 0x77), 'unaligned write landed');
+    t.equal(store.bytes(5000000, 1)[0], 0, 'byte before the unaligned write untouched');
+    t.equal(store.bytes(5000001 + 12345, 1)[0], 0, 'byte after the unaligned write untouched');
 
     // writethrough (the default) makes every write FUA; cache=none only `write -f`.
     t.equal(fua.length, 6, 'six NBD WRITEs reached the export');
@@ -124,7 +116,7 @@ t.test('qemu-img convert in and out, compare', async (t) => {
 
   const cin = await run('qemu-img', ['convert', '-n', '-f', 'raw', '-O', 'raw', src, srv.uri('img')], { t, timeoutMs: 30_000 });
   t.equal(cin.code, 0, 'convert into the export', diag(cin));
-  t.ok(storeBytes(store, 0, 8 * MiB).equals(data), 'export holds the source bytes');
+  t.ok(store.bytes(0, 8 * MiB).equals(data), 'export holds the source bytes');
 
   const cout = await run('qemu-img', ['convert', '-f', 'raw', '-O', 'raw', srv.uri('img'), out], { t, timeoutMs: 30_000 });
   t.equal(cout.code, 0, 'convert out of the export', diag(cout));
@@ -172,8 +164,8 @@ t.test('qemu-img bench read and write', async (t) => {
   const w = await run('qemu-img', [...common, '-w', '--pattern=0x5a', srv.uri('disk')], { t, timeoutMs: 30_000 });
   t.equal(w.code, 0, 'bench -w exits 0', diag(w));
   t.match(w.stdout, /Sending 2000 write requests.*\n.*Run completed/);
-  t.ok(storeBytes(store, 0, 2000 * 4 * KiB).every((b) => b === 0x5a), 'bench wrote its pattern over 2000 x 4k');
-  t.equal(storeBytes(store, 2000 * 4 * KiB, 1)[0], 0, 'and nothing past it');
+  t.ok(store.bytes(0, 2000 * 4 * KiB).every((b) => b === 0x5a), 'bench wrote its pattern over 2000 x 4k');
+  t.equal(store.bytes(2000 * 4 * KiB, 1)[0], 0, 'and nothing past it');
   const rd = await run('qemu-img', [...common, srv.uri('disk')], { t, timeoutMs: 30_000 });
   t.equal(rd.code, 0, 'bench (read) exits 0', diag(rd));
   t.match(rd.stdout, /Sending 2000 read requests.*\n.*Run completed/);
@@ -188,5 +180,5 @@ t.test('qemu-io on a read-only export', async (t) => {
   const rw = await run('qemu-io', ['-f', 'raw', srv.uri('ro'), '-c', 'write -P 1 0 4k'], { t, timeoutMs: 30_000 });
   t.not(rw.code, 0, 'read-write open of a read-only export is refused');
   t.match(rw.stderr, /Permission denied|read-only/i, 'qemu says why');
-  t.ok(storeBytes(srv.provider.memory.get('ro')!.store, 0, 4 * KiB).every((b) => b === 0x9c), 'data unchanged');
+  t.ok(srv.provider.memory.get('ro')!.store.bytes(0, 4 * KiB).every((b) => b === 0x9c), 'data unchanged');
 });
