@@ -219,17 +219,7 @@ export class VolumeMap {
     validateVolumeName(name);
     // Only a writer settles an interrupted rename; a reader (maybe without the
     // lock, e.g. a migration target) never writes.
-    const header = await loadLiveHeader(blocker, name, { repair: options.forWrite });
-    if (options.forWrite) {
-      if ((header.flags & (VolumeFlags.READONLY | VolumeFlags.SNAPSHOT)) !== 0) {
-        throw new UsageError(`volume "${name}": is read-only, cannot open it for writing`);
-      }
-      if (header.generation >= MAX_GENERATION) {
-        throw new UsageError(`volume "${name}": generation counter exhausted (${MAX_GENERATION} writable opens)`);
-      }
-      header.generation += 1;
-      await blocker.replace(headerObjectName(name), encodeHeader(header));
-    }
+    const header = options.forWrite ? await loadForWrite(blocker, name) : await loadLiveHeader(blocker, name, { repair: false });
     return new VolumeMap(blocker, name, header, options.forWrite, options.cacheChunks);
   }
 
@@ -246,15 +236,7 @@ export class VolumeMap {
     if (this.#writable) return Promise.resolve();
     this.#assertOpen();
     this.#beginning ??= (async () => {
-      const header = await loadLiveHeader(this.#blocker, this.#name, { repair: true });
-      if ((header.flags & (VolumeFlags.READONLY | VolumeFlags.SNAPSHOT)) !== 0) {
-        throw new UsageError(`volume "${this.#name}": is read-only, cannot open it for writing`);
-      }
-      if (header.generation >= MAX_GENERATION) {
-        throw new UsageError(`volume "${this.#name}": generation counter exhausted (${MAX_GENERATION} writable opens)`);
-      }
-      header.generation += 1;
-      await this.#blocker.replace(headerObjectName(this.#name), encodeHeader(header));
+      const header = await loadForWrite(this.#blocker, this.#name);
       // Nothing is queued (we were read-only): adopt the stored header whole.
       Object.assign(this.#header, header);
       this.#refs.clear();
@@ -698,6 +680,25 @@ export class VolumeMap {
 }
 
 // ------------------------------------------------------------ helpers
+
+/**
+ * What opening for write does to the stored header: load it (settling an
+ * interrupted rename), refuse snapshots and read-only volumes, bump the
+ * generation and persist it, so every object this session creates has a name
+ * no earlier session used. Returns the header as stored.
+ */
+async function loadForWrite(blocker: Blocker, name: string): Promise<VolumeHeader> {
+  const header = await loadLiveHeader(blocker, name, { repair: true });
+  if ((header.flags & (VolumeFlags.READONLY | VolumeFlags.SNAPSHOT)) !== 0) {
+    throw new UsageError(`volume "${name}": is read-only, cannot open it for writing`);
+  }
+  if (header.generation >= MAX_GENERATION) {
+    throw new UsageError(`volume "${name}": generation counter exhausted (${MAX_GENERATION} writable opens)`);
+  }
+  header.generation += 1;
+  await blocker.replace(headerObjectName(name), encodeHeader(header));
+  return header;
+}
 
 /** A random volume id (8 bytes, 16 hex digits), never zero and never one of `avoid`. */
 export function newVolumeId(avoid: readonly string[] = []): string {
