@@ -15,7 +15,7 @@ export interface JsonArgs {
 export function withStore<T>(y: Argv<T>): Argv<T & StoreArgs> {
   return y.option('store', {
     type: 'string',
-    describe: 'object store URL (file:PATH); env ARCHIPELAGO_STORE',
+    describe: 'object store URL: file:PATH or rados:DATA_POOL?maps=MAP_POOL&conf=CEPH_CONF&id=USER; env ARCHIPELAGO_STORE',
     default: process.env.ARCHIPELAGO_STORE ?? DEFAULT_STORE,
   }) as Argv<T & StoreArgs>;
 }

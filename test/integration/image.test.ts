@@ -11,7 +11,8 @@ import t from 'tap';
 import crypto from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import { CLI, childEnv, cli, startDaemon, tempStore } from '../helpers/daemon.js';
+import { CLI, childEnv, cli, startDaemon } from '../helpers/daemon.js';
+import { listObjects, tempStore } from '../helpers/stores.js';
 import { diag, run, tempDir } from '../helpers/run.js';
 
 const KiB = 1024;
@@ -20,18 +21,14 @@ const OS = 64 * KiB;
 const OBJECTS = 256; // 16 MiB
 const POOL = 80;
 
-async function countCas(dir: string): Promise<number> {
-  let n = 0;
-  for (const e of await fs.readdir(dir, { withFileTypes: true, recursive: true })) {
-    if (e.isFile() && /^sha256-[0-9a-f]{64}$/.test(e.name)) n++;
-  }
-  return n;
+async function countCas(store: string): Promise<number> {
+  return (await listObjects(store, 'sha256-')).filter((n) => /^sha256-[0-9a-f]{64}$/.test(n)).length;
 }
 
 t.test('import, serve, dedup, clone, export, hash, gc', async (t) => {
   const store = await tempStore(t);
   const work = await tempDir(t);
-  const S = ['--store', `file:${store}`];
+  const S = ['--store', store];
 
   // A: objects 64..95 zero, the others pool[i % 80]: 80 unique, 144 repeats, 32 zero.
   const pool = Array.from({ length: POOL }, () => crypto.randomBytes(OS));
@@ -56,7 +53,7 @@ t.test('import, serve, dedup, clone, export, hash, gc', async (t) => {
   t.match(JSON.parse(r.stdout), { kind: 'image', size: 16 * MiB }, 'info: an image');
 
   // The same data from stdin: nothing new.
-  const sh = await run('/bin/sh', ['-c', `"${process.execPath}" "${CLI}" import - img2 --object-size 64K --json --store "file:${store}" < "${fileA}"`],
+  const sh = await run('/bin/sh', ['-c', `"${process.execPath}" "${CLI}" import - img2 --object-size 64K --json --store "${store}" < "${fileA}"`],
     { t, env: childEnv(), timeoutMs: 60_000 });
   t.equal(sh.code, 0, 'import - img2 (stdin)', diag(sh));
   t.match(JSON.parse(sh.stdout), { size: 16 * MiB, storedObjects: 0, deduplicatedObjects: 224, zeroObjects: 32, bytesStored: 0 }, 'second import stores nothing');
@@ -106,7 +103,7 @@ t.test('import, serve, dedup, clone, export, hash, gc', async (t) => {
   r = await cli(['export', 'c1', outC, ...S]);
   t.equal(r.code, 0, 'export c1', diag(r.result));
   t.ok((await fs.readFile(outC)).equals(c), 'export c1 = the image + the write');
-  const pipe = await run('/bin/sh', ['-c', `"${process.execPath}" "${CLI}" export img3 - --store "file:${store}" | cmp - "${fileB}"`],
+  const pipe = await run('/bin/sh', ['-c', `"${process.execPath}" "${CLI}" export img3 - --store "${store}" | cmp - "${fileB}"`],
     { t, env: childEnv(), timeoutMs: 60_000 });
   t.equal(pipe.code, 0, 'export img3 to stdout = b.raw', diag(pipe));
 

@@ -9,7 +9,8 @@
 import t, { type Test } from 'tap';
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import { cli, startDaemon, tempStore, type Daemon } from '../helpers/daemon.js';
+import { cli, startDaemon, type Daemon } from '../helpers/daemon.js';
+import { tempStore } from '../helpers/stores.js';
 import { diag, nbdshEnv, randomFile, run, tempDir, type RunResult } from '../helpers/run.js';
 import { adminRequest } from '../../src/daemon/admin.js';
 
@@ -48,7 +49,7 @@ async function compare(t: Test, uri: string, raw: string, what: string): Promise
 t.test('snapshot through the admin socket, clone, read-only exports, offline snapshot, errors', async (t) => {
   const store = await tempStore(t);
   const work = await tempDir(t);
-  const S = ['--store', `file:${store}`];
+  const S = ['--store', store];
   const admin = path.join(work, 'admin.sock');
 
   let r = await cli(['create', 'v', '--size', '8M', '--object-size', '64K', ...S]);

@@ -6,21 +6,17 @@
  * served at once.
  */
 import t from 'tap';
-import fs from 'node:fs/promises';
-import { cli, startDaemon, tempStore } from '../helpers/daemon.js';
+import { cli, startDaemon } from '../helpers/daemon.js';
+import { listObjects, tempStore } from '../helpers/stores.js';
 import { diag, run } from '../helpers/run.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
 const GiB = 1024 * MiB;
 
-/** Files in the store other than its marker (there must be none after a refused create). */
-async function storeFiles(dir: string): Promise<string[]> {
-  const out: string[] = [];
-  for (const e of await fs.readdir(dir, { recursive: true, withFileTypes: true })) {
-    if (e.isFile() && e.name !== 'archipelago-store.json') out.push(e.name);
-  }
-  return out;
+/** Objects in the store (there must be none after a refused create). */
+function storeObjects(store: string): Promise<string[]> {
+  return listObjects(store, '');
 }
 
 /** Runs `fn` over `items` with at most `n` at a time; results in input order. */
@@ -37,8 +33,7 @@ async function inPool<T, R>(items: T[], n: number, fn: (item: T) => Promise<R>):
 }
 
 t.test('create, list, info, rename, resize, remove', async (t) => {
-  const dir = await tempStore(t);
-  const store = `file:${dir}`;
+  const store = await tempStore(t);
 
   let r = await cli(['create', 'alpha', '--size', '64M', '--object-size', '64K', '--store', store]);
   t.equal(r.code, 0, 'create exits 0', diag(r.result));
@@ -114,12 +109,11 @@ t.test('create, list, info, rename, resize, remove', async (t) => {
   t.equal(JSON.parse(r.stdout).name, 'beta');
   r = await cli(['list', '--store', store]);
   t.equal(r.stdout, '', 'empty store lists nothing');
-  t.same(await storeFiles(dir), [], 'no objects left in the store');
+  t.same(await storeObjects(store), [], 'no objects left in the store');
 });
 
 t.test('bad names: exit 2, one clear line, nothing created', async (t) => {
-  const dir = await tempStore(t);
-  const store = `file:${dir}`;
+  const store = await tempStore(t);
   const ok = await cli(['create', 'good', '--size', '1M', '--store', store]);
   t.equal(ok.code, 0, 'a good volume to rename', diag(ok.result));
   const bad = ['../x', 'a/b', '', 'x'.repeat(81), '.hidden', '_under', 'a..b', 'dot.', 'sp ace', 'é'];
@@ -140,8 +134,7 @@ t.test('bad names: exit 2, one clear line, nothing created', async (t) => {
 });
 
 t.test('duplicate create and missing volumes: exit 2', async (t) => {
-  const dir = await tempStore(t);
-  const store = `file:${dir}`;
+  const store = await tempStore(t);
   t.equal((await cli(['create', 'v', '--size', '1M', '--store', store])).code, 0);
   const before = await cli(['info', 'v', '--json', '--store', store]);
   let r = await cli(['create', 'v', '--size', '2M', '--store', store]);
@@ -158,8 +151,7 @@ t.test('duplicate create and missing volumes: exit 2', async (t) => {
 });
 
 t.test('sizes', async (t) => {
-  const dir = await tempStore(t);
-  const store = `file:${dir}`;
+  const store = await tempStore(t);
   const good: [string, number][] = [['10G', 10 * GiB], ['512M', 512 * MiB], ['4096', 4096], ['1.5T', 1.5 * 1024 * GiB], ['64KiB', 64 * KiB], ['2g', 2 * GiB]];
   await inPool(good.map(([text], i) => ({ text, i })), 3, async ({ text, i }) => {
     const r = await cli(['create', `s${i}`, '--size', text, '--store', store]);
@@ -190,9 +182,8 @@ t.test('sizes', async (t) => {
 });
 
 t.test('a volume created while the daemon runs is served at once', async (t) => {
-  const dir = await tempStore(t);
-  const store = `file:${dir}`;
-  const d = await startDaemon(t, { store: dir });
+  const store = await tempStore(t);
+  const d = await startDaemon(t, { store });
   let r0 = await run('nbdinfo', ['--json', d.uri('late')], { t, timeoutMs: 20_000 });
   t.not(r0.code, 0, 'before create: nbdinfo fails', diag(r0));
 

@@ -11,7 +11,8 @@ import { spawn } from 'node:child_process';
 import crypto from 'node:crypto';
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import { cli, startDaemon, tempStore, type Daemon } from '../helpers/daemon.js';
+import { cli, startDaemon, type Daemon } from '../helpers/daemon.js';
+import { listObjects, tempStore } from '../helpers/stores.js';
 import { diag, nbdshEnv, randomFile, run, tempDir } from '../helpers/run.js';
 
 const KiB = 1024;
@@ -19,7 +20,7 @@ const MiB = 1024 * KiB;
 const OBJ = 64 * KiB;
 
 async function create(t: Test, store: string, name: string, size: number): Promise<void> {
-  const r = await cli(['create', name, '--size', String(size), '--object-size', '64K', '--store', `file:${store}`]);
+  const r = await cli(['create', name, '--size', String(size), '--object-size', '64K', '--store', store]);
   t.equal(r.code, 0, `create ${name}`, diag(r.result));
 }
 
@@ -196,7 +197,7 @@ t.test('qemu-img convert: a random 64 MiB image in and out', async (t) => {
   sameBytes(t, await fs.readFile(out), data, 'bytes out = bytes in');
   const alloc = objectsAllocated(t, await allocationMap(t, daemon.uri('img')), 64 * MiB);
   t.equal(dataObjects(alloc).length, 1024, 'every object of a random image is allocated');
-  const info = await cli(['info', 'img', '--json', '--store', `file:${store}`]);
+  const info = await cli(['info', 'img', '--json', '--store', store]);
   t.equal(JSON.parse(info.stdout).mapChunks, 1, 'one map chunk covers 1024 objects');
 });
 
@@ -284,14 +285,8 @@ t.test('fio randwrite with crc32c verify, 4k/64k/200k, iodepth 32, 2 jobs', asyn
 t.test('trim and write-zeroes of whole objects drop them; partial zero reads zeros', async (t) => {
   const size = 1 * MiB;
   await create(t, store, 'tz', size);
-  const id = JSON.parse((await cli(['info', 'tz', '--json', '--store', `file:${store}`])).stdout).id as string;
-  const dataFiles = async () => {
-    const names: string[] = [];
-    for (const e of await fs.readdir(store, { recursive: true, withFileTypes: true })) {
-      if (e.isFile() && e.name.startsWith(`d.${id}.`)) names.push(e.name);
-    }
-    return names.length;
-  };
+  const id = JSON.parse((await cli(['info', 'tz', '--json', '--store', store])).stdout).id as string;
+  const dataFiles = async () => (await listObjects(store, `d.${id}.`)).length;
   let r = await run('qemu-io', ['-f', 'raw', daemon.uri('tz'), '-c', `write -P 0xaa 0 ${size}`], { t, timeoutMs: 30_000 });
   t.equal(r.code, 0, 'fill the volume', diag(r));
   t.equal(await dataFiles(), 16, 'sixteen data objects');
@@ -342,7 +337,7 @@ t.test('data survives a daemon restart (SIGTERM, and SIGKILL after FLUSH)', asyn
   t.equal(await d.stop(), 0, 'SIGTERM: exit 0');
   t.equal(d.stderr(), '', 'nothing logged at warn', { stderr: d.stderr() });
 
-  const info = await cli(['info', 'keep', '--json', '--store', `file:${own}`]);
+  const info = await cli(['info', 'keep', '--json', '--store', own]);
   t.equal(info.code, 0, 'info after a clean stop', diag(info.result));
   const gen1 = JSON.parse(info.stdout).generation as number;
 
@@ -358,7 +353,7 @@ t.test('data survives a daemon restart (SIGTERM, and SIGKILL after FLUSH)', asyn
   expected.fill(0xc4, 9 * OBJ - 3, 9 * OBJ + 3);
   await d.kill();
 
-  const info2 = await cli(['info', 'keep', '--json', '--store', `file:${own}`]);
+  const info2 = await cli(['info', 'keep', '--json', '--store', own]);
   t.equal(info2.code, 0, 'info after SIGKILL: the map loads', diag(info2.result));
   t.ok(JSON.parse(info2.stdout).generation > gen1, 'each writable open bumped the generation');
   d = await startDaemon(t, { store: own });

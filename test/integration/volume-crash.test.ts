@@ -29,7 +29,8 @@ import fs from 'node:fs/promises';
 import path from 'node:path';
 import readline from 'node:readline';
 import { fileURLToPath } from 'node:url';
-import { cli, startDaemon, tempStore, type Daemon } from '../helpers/daemon.js';
+import { cli, startDaemon, type Daemon } from '../helpers/daemon.js';
+import { tempStore } from '../helpers/stores.js';
 import { diag, nbdshEnv } from '../helpers/run.js';
 
 const KiB = 1024;
@@ -286,9 +287,8 @@ function pickStep(): StepKind {
 t.test(`model-based crash test: seed ${SEED}, ${STEPS} steps`, async (t) => {
   t.comment(`ARCHIPELAGO_MODEL_SEED=${SEED} ARCHIPELAGO_MODEL_STEPS=${STEPS}`);
   const store = await tempStore(t);
-  const storeUrl = `file:${store}`;
   const NAME = 'model';
-  const created = await cli(['create', NAME, '--size', String(SIZE), '--object-size', '64K', '--store', storeUrl]);
+  const created = await cli(['create', NAME, '--size', String(SIZE), '--object-size', '64K', '--store', store]);
   t.equal(created.code, 0, 'create the volume', diag(created.result));
 
   const script = driverScript();
@@ -373,7 +373,7 @@ t.test(`model-based crash test: seed ${SEED}, ${STEPS} steps`, async (t) => {
     // volume read-only and writes nothing before the first change, so the
     // two may start together (it saves a process start per restart).
     const [info, next] = await Promise.all([
-      cli(['info', NAME, '--json', '--store', storeUrl]),
+      cli(['info', NAME, '--json', '--store', store]),
       startDaemon(t, { store }),
     ]);
     daemon = next;

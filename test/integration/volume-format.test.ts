@@ -12,7 +12,7 @@
 import t, { type Test } from 'tap';
 import fs from 'node:fs/promises';
 import path from 'node:path';
-import { cli, startDaemon, tempStore, type Daemon } from '../helpers/daemon.js';
+import { cli, startDaemon, tempFileStore as tempStore, type Daemon } from '../helpers/daemon.js';
 import { diag, run, tempDir } from '../helpers/run.js';
 
 const KiB = 1024;
