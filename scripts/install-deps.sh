@@ -6,6 +6,11 @@ set -euo pipefail
 pkgs=(
   qemu-utils qemu-system-x86 nbdkit libnbd-bin python3-libnbd nbd-client
   fio socat busybox-static cpio e2fsprogs
+  # RADOS: a single-host cluster (scripts/ceph-dev.sh), the C headers our
+  # librados binding builds against, and QEMU's rbd driver (benchmark peer).
+  ceph-mon ceph-osd ceph-common librados-dev qemu-block-extra
+  # Metrics: a real Prometheus scrapes the daemon; promtool checks the format.
+  prometheus
 )
 
 missing=()
