@@ -32,7 +32,7 @@ const targets: Target[] = [
       const store = `file:${path.join(work, 'store')}`;
       await execFileP(process.execPath, [cli, 'create', 'disk', '--size', SIZE, '--store', store]);
       const port = await freePort();
-      const s = spawnServer(process.execPath, [cli, 'serve', '--store', store, '--listen', `127.0.0.1:${port}`, '--log-level', 'warn']);
+      const s = spawnServer(process.execPath, [cli, 'serve', '--store', store, '--listen', `127.0.0.1:${port}`, '--log-level', 'warn', '--metrics', '']);
       await waitForPort(port);
       await prefill(`nbd://127.0.0.1:${port}/disk`, SIZE);
       return { uri: `nbd://127.0.0.1:${port}/disk`, stop: s.stop };

@@ -1,12 +1,16 @@
 /**
  * The daemon: open the store, serve every volume over NBD on TCP and/or a
- * Unix socket, and shut down cleanly on SIGTERM/SIGINT (drain requests, flush
- * volumes, close the store). A second signal aborts at once.
+ * Unix socket, Prometheus metrics over HTTP, and shut down cleanly on
+ * SIGTERM/SIGINT (drain requests, flush volumes, close the store). A second
+ * signal aborts at once.
  */
 import { NbdServer } from '../nbd/server.js';
-import { openStore } from './store.js';
+import { observeBlocker } from '../blockers/observed.js';
+import { openStore, type Store } from './store.js';
 import { VolumeProvider } from './volume-export.js';
 import { AdminServer } from './admin.js';
+import { DaemonMetrics } from './metrics.js';
+import { listenMetrics, type MetricsServer } from './metrics-http.js';
 import type { Logger } from '../common/log.js';
 
 export interface ServeOptions {
@@ -16,39 +20,67 @@ export interface ServeOptions {
   socket: string | null;
   /** Unix socket of the admin API (admin.ts), or null for none. */
   adminSocket?: string | null;
+  /** host:port of the Prometheus endpoint (/metrics), or null for none (then nothing is counted). */
+  metrics?: string | null;
   log: Logger;
   maxConnections?: number;
-  /** Called once the listeners are up (systemd READY, tests). */
-  onReady?: (addresses: { port?: number; path?: string }[]) => void;
+  /** Called once the listeners are up (systemd READY, tests), with the NBD addresses and the metrics port. */
+  onReady?: (addresses: { port?: number; path?: string }[], extra: { metricsPort?: number }) => void;
 }
 
 export interface RunningDaemon {
   server: NbdServer;
   provider: VolumeProvider;
+  /** Null when metrics are off. */
+  metrics: DaemonMetrics | null;
   /** Graceful stop; resolves when everything is flushed and closed. */
   stop(): Promise<void>;
   /** Immediate stop. */
   abort(): Promise<void>;
 }
 
-/** Parses "host:port" (IPv6 as [::1]:port). */
-export function parseListen(s: string): { host: string; port: number } {
+/** Parses "host:port" (IPv6 as [::1]:port); `flag` names the option in the error. */
+export function parseListen(s: string, flag = '--listen'): { host: string; port: number } {
   const m = /^(?:\[([^\]]+)\]|([^:]+)):(\d+)$/.exec(s);
   const port = m ? Number(m[3]) : NaN;
-  if (!m || !(port >= 0 && port <= 65535)) throw new Error(`--listen ${JSON.stringify(s)}: expected HOST:PORT`);
+  if (!m || !(port >= 0 && port <= 65535)) throw new Error(`${flag} ${JSON.stringify(s)}: expected HOST:PORT`);
   return { host: (m[1] ?? m[2])!, port };
 }
 
+/**
+ * The store with every backend operation timed for metrics: maps and data
+ * apart (role label), also when one blocker serves both (a file store).
+ */
+function observedStore(store: Store, metrics: DaemonMetrics): Store {
+  return {
+    ...store,
+    maps: observeBlocker(store.maps, metrics.blockerObserver(store.maps.kind, 'maps')),
+    data: observeBlocker(store.data, metrics.blockerObserver(store.data.kind, 'data')),
+  };
+}
+
 export async function startDaemon(o: ServeOptions): Promise<RunningDaemon> {
-  const store = await openStore(o.store, o.log.child({ component: 'blocker' }));
-  const provider = new VolumeProvider(store, o.log.child({ component: 'volume' }));
-  const server = new NbdServer({ provider, log: o.log.child({ component: 'nbd' }), maxConnections: o.maxConnections });
+  const metricsAddress = o.metrics ? parseListen(o.metrics, '--metrics') : null;
+  const metrics = metricsAddress ? new DaemonMetrics() : null;
+  const opened = await openStore(o.store, o.log.child({ component: 'blocker' }));
+  const store = metrics ? observedStore(opened, metrics) : opened;
+  const provider = new VolumeProvider(store, o.log.child({ component: 'volume' }), metrics?.volumeHooks);
+  const server = new NbdServer({
+    provider, log: o.log.child({ component: 'nbd' }), maxConnections: o.maxConnections, hooks: metrics?.nbdHooks,
+  });
+  metrics?.attach({
+    connections: () => server.connectionCount,
+    inFlight: () => server.inFlightByExport(),
+    volumesOpen: () => provider.openCount,
+  });
   const addresses: { port?: number; path?: string }[] = [];
   const admin = o.adminSocket ? new AdminServer(store, provider, o.log.child({ component: 'admin' })) : null;
+  let metricsServer: MetricsServer | null = null;
   try {
     if (o.listen) addresses.push(await server.listen(parseListen(o.listen)));
     if (o.socket) addresses.push(await server.listen({ path: o.socket }));
     if (admin) await admin.listen(o.adminSocket!);
+    if (metrics) metricsServer = await listenMetrics(metrics, metricsAddress!, o.log.child({ component: 'metrics' }));
   } catch (err) {
     await admin?.close();
     await server.destroy();
@@ -56,12 +88,13 @@ export async function startDaemon(o: ServeOptions): Promise<RunningDaemon> {
     throw err;
   }
   o.log.info(`serving store ${o.store}`);
-  o.onReady?.(addresses);
+  o.onReady?.(addresses, { metricsPort: metricsServer?.port });
 
   let stopping: Promise<void> | null = null;
   const stop = () => {
     stopping ??= (async () => {
       o.log.info('shutting down: draining connections');
+      await metricsServer?.close();
       await admin?.close();
       await server.close();
       await provider.close();
@@ -71,10 +104,11 @@ export async function startDaemon(o: ServeOptions): Promise<RunningDaemon> {
     return stopping;
   };
   const abort = async () => {
+    await metricsServer?.close();
     await admin?.close();
     await server.destroy();
     await provider.close();
     await store.close();
   };
-  return { server, provider, stop, abort };
+  return { server, provider, metrics, stop, abort };
 }

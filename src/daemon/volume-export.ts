@@ -21,6 +21,12 @@ const CAPABILITIES: ExportCapabilities = {
 };
 const BLOCK_SIZE = { minimum: 1, preferred: 4096, maximum: 32 * 1024 * 1024 };
 
+/** Told when a Volume opens and once it has closed (metrics read its stats: metrics.ts). */
+export interface VolumeHooks {
+  opened?(name: string, volume: Volume): void;
+  closed?(name: string, volume: Volume): void;
+}
+
 interface OpenVolume {
   opening: Promise<Volume>;
   refs: number;
@@ -29,7 +35,7 @@ interface OpenVolume {
 export class VolumeProvider implements ExportProvider {
   private readonly volumes = new Map<string, OpenVolume>();
 
-  constructor(private readonly store: Store, private readonly log: Logger) {}
+  constructor(private readonly store: Store, private readonly log: Logger, private readonly hooks: VolumeHooks = {}) {}
 
   async list(): Promise<ExportListing[]> {
     return (await listVolumes(this.store.maps)).map((name) => ({ name }));
@@ -87,14 +93,23 @@ export class VolumeProvider implements ExportProvider {
     }
     const readOnly = (map.flags & (VolumeFlags.READONLY | VolumeFlags.SNAPSHOT)) !== 0;
     this.log.info(`volume ${name} opened${readOnly ? ' read-only' : ''}`, { generation: map.generation, size: map.size });
-    return new Volume(map, this.store.data, readOnly);
+    const volume = new Volume(map, this.store.data, readOnly);
+    this.hooks.opened?.(name, volume);
+    return volume;
+  }
+
+  private async closeVolume(name: string, volume: Volume): Promise<void> {
+    try {
+      await volume.close();
+    } finally {
+      this.hooks.closed?.(name, volume);
+    }
   }
 
   private async release(name: string, v: OpenVolume): Promise<void> {
     if (--v.refs > 0) return;
     if (this.volumes.get(name) === v) this.volumes.delete(name);
-    const volume = await v.opening;
-    await volume.close();
+    await this.closeVolume(name, await v.opening);
     this.log.info(`volume ${name} closed`);
   }
 
@@ -105,9 +120,9 @@ export class VolumeProvider implements ExportProvider {
 
   /** Closes every open volume (after the server stopped using them). */
   async close(): Promise<void> {
-    const all = [...this.volumes.values()];
+    const all = [...this.volumes];
     this.volumes.clear();
-    await Promise.allSettled(all.map(async (v) => (await v.opening).close()));
+    await Promise.allSettled(all.map(async ([name, v]) => this.closeVolume(name, await v.opening)));
   }
 }
 

@@ -105,6 +105,13 @@ export interface SetEntriesOptions {
 
 /** Counters for metrics and tests. */
 export interface VolumeMapStats {
+  /** Lookups answered from memory: the chunk loaded, or never written (no chunk). */
+  cacheHits: number;
+  /**
+   * Lookups that waited for their chunk to load (lookupAsync). A lookup()
+   * that answers undefined counts neither: the lookupAsync that follows counts.
+   */
+  cacheMisses: number;
   chunkLoads: number;
   chunkWrites: number;
   /** Chunk writes under a new name (first write of a chunk, or copy of a shared one). */
@@ -156,7 +163,7 @@ export class VolumeMap {
   readonly #commits = new Set<Promise<void>>();
   readonly #headerCommit: GroupCommit;
   readonly #stats: VolumeMapStats = {
-    chunkLoads: 0, chunkWrites: 0, chunkNewNames: 0, headerWrites: 0, dataSyncs: 0, evictions: 0,
+    cacheHits: 0, cacheMisses: 0, chunkLoads: 0, chunkWrites: 0, chunkNewNames: 0, headerWrites: 0, dataSyncs: 0, evictions: 0,
   };
   #objectCount: number;
   /**
@@ -277,6 +284,26 @@ export class VolumeMap {
    * loaded (then use lookupAsync or ensureChunk). Synchronous and allocation-free.
    */
   lookup(index: number): MapEntry | undefined {
+    const entry = this.#peek(index);
+    if (entry !== undefined) this.#stats.cacheHits++;
+    return entry;
+  }
+
+  /** The entry of object `index`, loading its chunk if needed. */
+  async lookupAsync(index: number): Promise<MapEntry> {
+    const entry = this.#peek(index);
+    if (entry !== undefined) {
+      this.#stats.cacheHits++;
+      return entry;
+    }
+    this.#stats.cacheMisses++;
+    const chunkIndex = Math.floor(index / CHUNK_ENTRIES);
+    const entries = await this.#load(this.#slot(chunkIndex));
+    return entries[index - chunkIndex * CHUNK_ENTRIES]!;
+  }
+
+  /** lookup() without counting a cache hit. */
+  #peek(index: number): MapEntry | undefined {
     this.#assertOpen();
     this.#assertIndex(index);
     const chunkIndex = Math.floor(index / CHUNK_ENTRIES);
@@ -286,15 +313,6 @@ export class VolumeMap {
       return slot.entries[index - chunkIndex * CHUNK_ENTRIES];
     }
     return this.#refs.has(chunkIndex) ? undefined : ENTRY_ABSENT;
-  }
-
-  /** The entry of object `index`, loading its chunk if needed. */
-  async lookupAsync(index: number): Promise<MapEntry> {
-    const entry = this.lookup(index);
-    if (entry !== undefined) return entry;
-    const chunkIndex = Math.floor(index / CHUNK_ENTRIES);
-    const entries = await this.#load(this.#slot(chunkIndex));
-    return entries[index - chunkIndex * CHUNK_ENTRIES]!;
   }
 
   /** Loads chunk `chunkIndex` into the cache (no-op when loaded or absent). */

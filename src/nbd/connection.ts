@@ -19,6 +19,35 @@ import type { Logger } from '../common/log.js';
 
 export const enum Status { Dead = 0, ClientDone = 1, ShuttingDown = 2, Handshake = 3, Active = 4 }
 
+/**
+ * Why a handshake ended without an export (NBD_OPT_ABORT is not a failure):
+ * no export within the deadline, the peer closed, it broke the protocol
+ * (bad magic, unknown EXPORT_NAME, too many options, ...), or something else
+ * failed (the provider threw).
+ */
+export type HandshakeFailure = 'timeout' | 'peer_closed' | 'protocol' | 'error';
+
+/**
+ * Hooks for metrics (src/daemon/metrics.ts implements them): plain
+ * synchronous callbacks, so src/nbd needs no metrics library. All optional;
+ * each must be cheap and must not throw.
+ */
+export interface NbdHooks {
+  /** A connection was accepted (its handshake starts). */
+  connectionAccepted?(): void;
+  /** A connection was closed at once: over `maxConnections`, or the server is shutting down. */
+  connectionRefused?(reason: 'limit' | 'shutdown'): void;
+  handshakeFailed?(reason: HandshakeFailure): void;
+  /**
+   * Transmission begins on export `name` (once per connection). Returns the
+   * observer of this connection's requests, or null. Look up per-export
+   * state here, once, so that the per-request call needs no lookup.
+   */
+  exportOpened?(name: string): RequestObserver | null;
+  /** The connection is done with export `name` (its last request finished); pairs with exportOpened. */
+  exportClosed?(name: string): void;
+}
+
 export interface ConnectionOptions {
   provider: ExportProvider;
   handshake: HandshakeLimits;
@@ -27,7 +56,9 @@ export interface ConnectionOptions {
   handshakeTimeoutMs: number;
   log: Logger;
   shuttingDown(): boolean;
+  /** Observes every request (with hooks.exportOpened's observer, if any, both are called). */
   observer?: RequestObserver | null;
+  hooks?: NbdHooks | null;
   /** Told once when the handshake ends, with the export name or null. */
   onNegotiated?: (exportName: string | null) => void;
 }
@@ -51,6 +82,9 @@ export class Connection implements HandshakeIO {
   /** Resolves when the socket is closed and the export released. */
   readonly closed = new Promise<void>((r) => { this.closedResolve = r; });
   private readonly log: Logger;
+  private timedOut = false;
+  /** hooks.exportOpened was called: exportClosed is owed. */
+  private exportHooked = false;
 
   constructor(private readonly socket: Socket, private readonly opts: ConnectionOptions) {
     this.log = opts.log;
@@ -61,6 +95,11 @@ export class Connection implements HandshakeIO {
     socket.on('close', () => void this.onSocketClose());
     socket.on('drain', () => this.transmission?.checkPressure());
     void this.run();
+  }
+
+  /** Requests in flight on this connection now (0 before transmission). */
+  get inFlight(): number {
+    return this.transmission?.inFlight ?? 0;
   }
 
   // ---------------------------------------------------------- HandshakeIO
@@ -136,6 +175,11 @@ export class Connection implements HandshakeIO {
       });
     } catch (err) {
       clearTimeout(this.timer);
+      const hooks = this.opts.hooks;
+      if (hooks?.handshakeFailed) {
+        hooks.handshakeFailed(this.timedOut ? 'timeout' : this.status === Status.Dead ? 'peer_closed'
+          : err instanceof NbdProtocolError ? 'protocol' : 'error');
+      }
       if (this.status !== Status.Dead) {
         this.log.warn(`handshake failed: ${describeError(err)}`);
         this.socket.destroy();
@@ -162,7 +206,7 @@ export class Connection implements HandshakeIO {
     this.status = Status.Active;
     const t = new Transmission(this.socket, neg, this.opts.transmission, this.log.child({ export: neg.export.name }),
       (reason, protocolError) => void this.finish(reason, protocolError));
-    t.observer = this.opts.observer ?? null;
+    t.observer = this.observerFor(neg.export.name);
     this.transmission = t;
     if (this.opts.shuttingDown()) t.shutdown();
     const rest = this.chunks;
@@ -172,8 +216,20 @@ export class Connection implements HandshakeIO {
     this.socket.resume();
   }
 
+  /** The request observer of this connection: the server's, this export's (hooks), both, or none. */
+  private observerFor(name: string): RequestObserver | null {
+    const all = this.opts.observer ?? null;
+    const hooks = this.opts.hooks;
+    if (!hooks?.exportOpened) return all;
+    this.exportHooked = true;
+    const mine = hooks.exportOpened(name);
+    if (mine === null || all === null) return mine ?? all;
+    return (cmd, bytes, error, startNs) => { all(cmd, bytes, error, startNs); mine(cmd, bytes, error, startNs); };
+  }
+
   private handshakeTimeout(): void {
     if (this.status === Status.Handshake) {
+      this.timedOut = true;
       this.log.warn(`handshake failed: no export negotiated within ${this.opts.handshakeTimeoutMs} ms`);
       this.socket.destroy();
     }
@@ -223,6 +279,7 @@ export class Connection implements HandshakeIO {
     if (this.released) return;
     if (this.negotiated) {
       this.released = true;
+      if (this.exportHooked) this.opts.hooks?.exportClosed?.(this.negotiated.export.name);
       try {
         await this.negotiated.export.close();
       } catch (err) {

@@ -5,7 +5,7 @@
  */
 import net from 'node:net';
 import fs from 'node:fs/promises';
-import { Connection } from './connection.js';
+import { Connection, type NbdHooks } from './connection.js';
 import type { ExportProvider } from './export.js';
 import { DEFAULT_HANDSHAKE_LIMITS, type HandshakeLimits } from './handshake.js';
 import { DEFAULT_TRANSMISSION_LIMITS, type RequestObserver, type TransmissionLimits } from './transmission.js';
@@ -20,9 +20,14 @@ export interface NbdServerOptions {
   handshakeTimeoutMs?: number;
   handshake?: Partial<HandshakeLimits>;
   transmission?: Partial<TransmissionLimits>;
-  /** Called after every request (metrics). */
+  /** Called after every request of every export. */
   observer?: RequestObserver;
+  /** Connection events and per-export request observers (metrics: src/daemon/metrics.ts). */
+  hooks?: NbdHooks;
 }
+
+export type { HandshakeFailure, NbdHooks } from './connection.js';
+export type { RequestObserver } from './transmission.js';
 
 export type ListenAddress = { host: string; port: number } | { path: string };
 
@@ -48,6 +53,18 @@ export class NbdServer {
   /** Number of open connections. */
   get connectionCount(): number {
     return this.connections.size;
+  }
+
+  /**
+   * Requests in flight now, summed per export over its connections (for a
+   * gauge read at scrape time: nothing is counted on the request path).
+   */
+  inFlightByExport(): Map<string, number> {
+    const out = new Map<string, number>();
+    for (const c of this.connections) {
+      if (c.exportName !== null) out.set(c.exportName, (out.get(c.exportName) ?? 0) + c.inFlight);
+    }
+    return out;
   }
 
   /**
@@ -78,9 +95,11 @@ export class NbdServer {
     const peer = socket.remoteAddress ? `${socket.remoteAddress}:${socket.remotePort}` : 'unix';
     if (this.stopping || this.connections.size >= this.maxConnections) {
       this.log.warn(`connection refused: ${this.stopping ? 'server shutting down' : `limit of ${this.maxConnections} connections reached`}`, { peer });
+      this.options.hooks?.connectionRefused?.(this.stopping ? 'shutdown' : 'limit');
       socket.destroy();
       return;
     }
+    this.options.hooks?.connectionAccepted?.();
     const log = this.log.child({ peer });
     const conn = new Connection(socket, {
       provider: this.options.provider,
@@ -90,6 +109,7 @@ export class NbdServer {
       log,
       shuttingDown: () => this.stopping,
       observer: this.options.observer ?? null,
+      hooks: this.options.hooks ?? null,
       onNegotiated: (name) => { if (name !== null) log.info(`export ${JSON.stringify(name)} opened`); },
     });
     this.connections.add(conn);

@@ -57,7 +57,15 @@ export interface ReplySink {
   resume(): unknown;
 }
 
-/** Observes each completed request (metrics); called only when set. */
+/**
+ * Observes each request once its reply is queued (metrics); called only when
+ * set, synchronously, so it must be cheap and must not throw. `cmd` is the
+ * NBD_CMD value as received (unknown ones too: they are rejected EINVAL);
+ * `bytes` is the length of a READ or WRITE (0 for the other commands); `error`
+ * is the NBD error sent (0 = success, else an NBD_E value); `startNs` is
+ * process.hrtime.bigint() when the request started running (for a request
+ * rejected before running: when it was rejected).
+ */
 export type RequestObserver = (cmd: number, bytes: number, error: number, startNs: bigint) => void;
 
 const enum ParseState { Header, Payload, Discard, Stopped }
@@ -178,7 +186,7 @@ export class Transmission {
             const req = this.pending!;
             this.pending = null;
             this.state = ParseState.Header;
-            this.replyError(req, this.pendingError, 'invalid request');
+            this.reject(req, this.pendingError);
           }
           break;
         }
@@ -230,7 +238,7 @@ export class Transmission {
     if (h.type === NBD_CMD.WRITE) {
       if (error !== 0) {
         if (h.length === 0) {
-          this.replyError(h, error, 'invalid request');
+          this.reject(h, error);
           return;
         }
         // Consume the payload so the stream stays in sync, then reply.
@@ -246,10 +254,16 @@ export class Transmission {
       return;
     }
     if (error !== 0) {
-      this.replyError(h, error, 'invalid request');
+      this.reject(h, error);
       return;
     }
     this.execute(h);
+  }
+
+  /** Replies `error` to a request that does not run (invalid, or the server is stopping). */
+  private reject(h: RequestHeader, error: number): void {
+    this.replyError(h, error, 'invalid request');
+    if (this.observer) this.observer(h.type, 0, error, process.hrtime.bigint());
   }
 
   /** Returns 0 or the NBD error for a request that must not run. */
@@ -347,10 +361,11 @@ export class Transmission {
     // inflight() was counted when the header arrived.
     this.exp.write(h.offset, data, (h.flags & NBD_CMD_FLAG_FUA) !== 0).then(
       () => { this.replyOk(h); this.finish(h, data.length, 0, start); },
-      (err) => { this.replyFailure(h, err); this.finish(h, data.length, -1, start); },
+      (err) => { this.finish(h, data.length, this.replyFailure(h, err), start); },
     );
   }
 
+  /** A request ran and its reply is queued: release what it held, tell the observer. */
   private finish(h: RequestHeader, held: number, error: number, start: bigint): void {
     this.done(held);
     if (this.observer) this.observer(h.type, h.type === NBD_CMD.READ || h.type === NBD_CMD.WRITE ? h.length : 0, error, start);
@@ -368,14 +383,14 @@ export class Transmission {
         this.inflight(held);
         exp.read(h.offset, h.length).then(
           (pieces) => { this.replyRead(h, pieces); this.finish(h, held, 0, start); },
-          (err) => { this.replyFailure(h, err); this.finish(h, held, -1, start); },
+          (err) => { this.finish(h, held, this.replyFailure(h, err), start); },
         );
         return;
       case NBD_CMD.BLOCK_STATUS:
         this.inflight(0);
         exp.blockStatus(h.offset, h.length).then(
-          (extents) => { this.replyBlockStatus(h, extents); this.finish(h, 0, 0, start); },
-          (err) => { this.replyFailure(h, err); this.finish(h, 0, -1, start); },
+          (extents) => { this.finish(h, 0, this.replyBlockStatus(h, extents), start); },
+          (err) => { this.finish(h, 0, this.replyFailure(h, err), start); },
         );
         return;
       case NBD_CMD.FLUSH:
@@ -400,7 +415,7 @@ export class Transmission {
     this.inflight(0);
     op.then(
       () => { this.replyOk(h); this.finish(h, 0, 0, start); },
-      (err) => { this.replyFailure(h, err); this.finish(h, 0, -1, start); },
+      (err) => { this.finish(h, 0, this.replyFailure(h, err), start); },
     );
   }
 
@@ -428,12 +443,14 @@ export class Transmission {
     this.out()?.write(encodeSimpleReply(0, h.cookieHi, h.cookieLo));
   }
 
-  private replyFailure(h: RequestHeader, err: unknown): void {
+  /** Logs a failed request's real cause and replies its NBD error, which it returns. */
+  private replyFailure(h: RequestHeader, err: unknown): number {
     const code = nbdErrorOf(err, h.flags);
     this.log.warn(`${nameOfCmd(h.type)}: offset ${h.offset} length ${h.length}: ${describeError(err)}`, {
       export: this.exp.name, reply: nameOfError(code), err,
     });
     this.replyError(h, code, describeError(err));
+    return code;
   }
 
   /** Sends an error; READ errors must be structured when structured replies are on. */
@@ -483,13 +500,13 @@ export class Transmission {
     }
   }
 
-  private replyBlockStatus(h: RequestHeader, extents: Extent[]): void {
+  /** Replies the extents; returns 0, or the error sent when the export returned none. */
+  private replyBlockStatus(h: RequestHeader, extents: Extent[]): number {
     if (extents.length === 0 || extents[0]!.length === 0) {
-      this.replyFailure(h, Object.assign(new Error(`export ${this.exp.name}: block status returned no extent`), { code: 'EIO' }));
-      return;
+      return this.replyFailure(h, Object.assign(new Error(`export ${this.exp.name}: block status returned no extent`), { code: 'EIO' }));
     }
     const s = this.out();
-    if (!s) return;
+    if (!s) return 0;
     let list: Extent[] = extents;
     if (h.flags & NBD_CMD_FLAG_REQ_ONE) {
       const e = extents[0]!;
@@ -498,6 +515,7 @@ export class Transmission {
       list = list.slice(0, MAX_EXTENTS);
     }
     s.write(encodeBlockStatus(NBD_REPLY_FLAG_DONE, h.cookieHi, h.cookieLo, BASE_ALLOCATION_ID, list));
+    return 0;
   }
 }
 

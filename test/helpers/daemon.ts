@@ -33,7 +33,7 @@ export function childEnv(extra: NodeJS.ProcessEnv = {}): NodeJS.ProcessEnv {
 }
 
 export interface DaemonOptions {
-  /** Store directory (used as file:DIR). */
+  /** Store directory (used as file:DIR), or a store URL (file:… or rados:…). */
   store: string;
   /** More `serve` arguments (e.g. ['--socket', PATH]). */
   extraArgs?: string[];
@@ -43,6 +43,8 @@ export interface DaemonOptions {
 
 export interface Daemon {
   port: number;
+  /** Port of the metrics endpoint (`metrics=` on the READY line), or null when off (`--metrics ''`). */
+  metricsPort: number | null;
   pid: number;
   /** nbd://127.0.0.1:PORT/NAME */
   uri(name: string): string;
@@ -67,9 +69,12 @@ function exitOf(child: ChildProcess): Promise<Exit> {
   return new Promise((resolve) => child.once('exit', (code, signal) => resolve({ code, signal })));
 }
 
-/** Starts `archipelago serve --store file:STORE --listen 127.0.0.1:0 --log-level warn` and waits for READY. */
+/** Starts `archipelago serve --store URL --listen 127.0.0.1:0 --log-level warn` and waits for READY. */
 export async function startDaemon(t: Teardown, o: DaemonOptions): Promise<Daemon> {
-  const args = [CLI, 'serve', '--store', `file:${o.store}`, '--listen', '127.0.0.1:0', '--log-level', 'warn', ...(o.extraArgs ?? [])];
+  const extra = o.extraArgs ?? [];
+  // Metrics on a free port unless the test chose: the default 9810 would collide between daemons.
+  const metrics = extra.includes('--metrics') ? [] : ['--metrics', '127.0.0.1:0'];
+  const args = [CLI, 'serve', '--store', storeUrl(o.store), '--listen', '127.0.0.1:0', '--log-level', 'warn', ...metrics, ...extra];
   const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'], env: childEnv() });
   const pid = child.pid;
   if (pid === undefined) throw new Error('archipelago serve: spawn failed');
@@ -84,6 +89,7 @@ export async function startDaemon(t: Teardown, o: DaemonOptions): Promise<Daemon
   child.stderr!.setEncoding('utf8');
   child.stderr!.on('data', (s: string) => { err += s; if (err.length > 256 * 1024) err = err.slice(-128 * 1024); });
 
+  let metricsPort: number | null = null;
   const port = await new Promise<number>((resolve, reject) => {
     let out = '';
     const timer = setTimeout(() => {
@@ -93,9 +99,11 @@ export async function startDaemon(t: Teardown, o: DaemonOptions): Promise<Daemon
     child.stdout!.setEncoding('utf8');
     child.stdout!.on('data', (s: string) => {
       out += s;
-      const m = /^READY port=(\d+)/m.exec(out);
+      const m = /^READY port=(\d+).*$/m.exec(out);
       if (m) {
         clearTimeout(timer);
+        const mp = / metrics=(\d+)/.exec(m[0]);
+        metricsPort = mp ? Number(mp[1]) : null;
         resolve(Number(m[1]));
       }
     });
@@ -108,6 +116,7 @@ export async function startDaemon(t: Teardown, o: DaemonOptions): Promise<Daemon
   const running = () => child.exitCode === null && child.signalCode === null;
   return {
     port,
+    metricsPort,
     pid,
     uri: (name) => `nbd://127.0.0.1:${port}/${name}`,
     get running() { return running(); },
@@ -139,7 +148,12 @@ export async function cli(args: readonly string[], opts: { t?: Teardown; timeout
   return { code: r.code, stdout: r.stdout, stderr: r.stderr, result: r };
 }
 
-/** A fresh, empty store directory, removed in the test's teardown. */
-export function tempStore(t: Teardown): Promise<string> {
+/** A store URL for a directory or URL: file stores may be given as a bare directory. */
+export function storeUrl(store: string): string {
+  return /^(file|rados):/.test(store) ? store : `file:${store}`;
+}
+
+/** A fresh, empty file store directory, removed in the test's teardown. */
+export function tempFileStore(t: Teardown): Promise<string> {
   return tempDir(t, 'archipelago-store-');
 }

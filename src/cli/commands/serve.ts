@@ -14,6 +14,7 @@ interface ServeArgs extends StoreArgs {
   listen: string;
   socket?: string;
   'admin-socket'?: string;
+  metrics: string;
   'log-level': LogLevel;
   'max-connections': number;
   run?: string;
@@ -26,6 +27,10 @@ export const serve: CommandModule<object, ServeArgs> = {
     .option('listen', { type: 'string', default: '127.0.0.1:10809', describe: 'TCP address HOST:PORT ("" for none)' })
     .option('socket', { type: 'string', describe: 'also listen on this Unix socket' })
     .option('admin-socket', { type: 'string', describe: 'serve the admin API (snapshots of served volumes, status) on this Unix socket, owner only' })
+    .option('metrics', {
+      type: 'string', default: '127.0.0.1:9810',
+      describe: 'serve Prometheus metrics on http://HOST:PORT/metrics ("" for none; docs/metrics.md)',
+    })
     .option('log-level', { choices: ['debug', 'info', 'warn', 'error'] as const, default: 'info' as const })
     .option('max-connections', { type: 'number', default: 1024 })
     .option('run', { type: 'string', describe: 'captive mode: run this shell command, stop when it exits' })) as never,
@@ -37,11 +42,13 @@ export const serve: CommandModule<object, ServeArgs> = {
       listen: a.listen === '' ? null : a.listen,
       socket: a.socket ?? null,
       adminSocket: a['admin-socket'] || null,
+      metrics: a.metrics === '' ? null : a.metrics,
       log,
       maxConnections: a['max-connections'],
-      onReady: (addrs) => {
+      onReady: (addrs, { metricsPort }) => {
         tcpPort = addrs.find((x) => x.port !== undefined)?.port;
-        const line = ['READY', ...(tcpPort !== undefined ? [`port=${tcpPort}`] : []), ...(a.socket ? [`socket=${a.socket}`] : []), ...(a['admin-socket'] ? [`admin=${a['admin-socket']}`] : [])].join(' ');
+        const line = ['READY', ...(tcpPort !== undefined ? [`port=${tcpPort}`] : []), ...(a.socket ? [`socket=${a.socket}`] : []),
+          ...(a['admin-socket'] ? [`admin=${a['admin-socket']}`] : []), ...(metricsPort !== undefined ? [`metrics=${metricsPort}`] : [])].join(' ');
         // One machine-readable line for scripts and tests.
         process.stdout.write(line + '\n');
       },
