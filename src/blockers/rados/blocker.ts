@@ -72,10 +72,11 @@ export class RadosBlocker implements Blocker {
   async punch(name: string, offset: number, length: number): Promise<void> {
     this.#check('punch', name);
     try {
-      // Zeroing up to or past the end could move the end (BlueStore extends
-      // the size to cover the zeroed range); the contract keeps the size, so
-      // zero only what lies inside the object. The caller holds the object
-      // exclusively (composer gates), so the size cannot change meanwhile.
+      // The contract keeps the size: zero only what lies inside the object
+      // (the binding's zero extends an object to cover a range past its end;
+      // a bare RADOS zero reaching the end would truncate it instead). The
+      // caller holds the object exclusively (composer gates), so the size
+      // cannot change between the stat and the zero.
       const { size } = await this.ioctx.stat(name);
       const end = Math.min(offset + length, size);
       if (end > offset) await this.ioctx.zero(name, offset, end - offset);
