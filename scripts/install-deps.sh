@@ -9,6 +9,8 @@ pkgs=(
   # RADOS: a single-host cluster (scripts/ceph-dev.sh), the C headers our
   # librados binding builds against, and QEMU's rbd driver (benchmark peer).
   ceph-mon ceph-osd ceph-common librados-dev qemu-block-extra
+  # systemd-analyze verify of our units; systemd-notify for Type=notify.
+  systemd
   # Metrics: a real Prometheus scrapes the daemon; promtool checks the format.
   prometheus
 )

@@ -10,7 +10,7 @@ import { serve } from './commands/serve.js';
 import { create, info, list, remove, rename, resize } from './commands/volume.js';
 import { clone, snapshot } from './commands/snapshot.js';
 
-const USAGE_CODES = new Set(['ARCH_E_USAGE', 'ARCH_E_BAD_NAME', 'ARCH_E_NO_VOLUME', 'ARCH_E_VOLUME_EXISTS']);
+const USAGE_CODES = new Set(['ARCH_E_USAGE', 'ARCH_E_CONFIG', 'ARCH_E_BAD_NAME', 'ARCH_E_NO_VOLUME', 'ARCH_E_VOLUME_EXISTS']);
 
 try {
   await yargs(hideBin(process.argv))
@@ -28,6 +28,7 @@ try {
     .command((await import('./commands/image.js')).importImage)
     .command((await import('./commands/image.js')).exportImage)
     .command((await import('./commands/image.js')).hashImage)
+    .command((await import('./commands/faults.js')).faults)
     .demandCommand(1, 'name a command (see --help)')
     .strict()
     .fail((msg, err) => {

@@ -22,6 +22,13 @@
  * before the reply; an object is deleted only after the map stopped pointing
  * at it. FLUSH syncs every object written in place since the last FLUSH.
  *
+ * After a failed map update the stored entry of that index is in doubt (the
+ * chunk write may land late: mapper/volume-map.ts, blockers/timeout.ts).
+ * Writing in place there could be acknowledged by a FLUSH while the stored
+ * map does not point at the object, so mutations of an unsettled index first
+ * settle it (re-commit its entry, under the exclusive gate); until that
+ * succeeds they fail, and once the store answers again they go through.
+ *
  * Requests arrive validated by the NBD layer: ranges are asserted here.
  */
 import assert from 'node:assert/strict';
@@ -131,7 +138,7 @@ export class Volume {
    * (to sync for FUA), or null when a new object was made durable with its map.
    */
   private async writeExtent(e: ObjectExtent, data: Buffer): Promise<string | null> {
-    await this.gates.acquireShared(e.index);
+    await this.acquireSettled(e.index);
     let entry: MapEntry;
     try {
       entry = this.map.lookup(e.index) ?? await this.map.lookupAsync(e.index);
@@ -144,6 +151,37 @@ export class Volume {
       this.gates.releaseShared(e.index);
     }
     return this.remap(e, data);
+  }
+
+  /**
+   * Takes the shared gate of `index` for a mutation, with its stored map
+   * entry not in doubt: settles it first (exclusively) if a failed commit
+   * left it unsettled. Re-checks under the gate, as another failure may
+   * have come in between.
+   */
+  private async acquireSettled(index: number): Promise<void> {
+    for (;;) {
+      if (!this.map.isSettled(index)) {
+        await this.gates.acquireExclusive(index);
+        try {
+          await this.settle(index);
+        } finally {
+          this.gates.releaseExclusive(index);
+        }
+      }
+      await this.gates.acquireShared(index);
+      if (this.map.isSettled(index)) return;
+      this.gates.releaseShared(index);
+    }
+  }
+
+  /** map.settle under the caller's exclusive gate, with the volume and index in the error. */
+  private async settle(index: number): Promise<void> {
+    try {
+      await this.map.settle(index);
+    } catch (err) {
+      throw composeError(err, `volume ${this.name}: re-persist the map entry of object ${index} after a failed update`);
+    }
   }
 
   /** The first change opens the map for writing (bumps its generation). */
@@ -172,6 +210,8 @@ export class Volume {
   private async remap(e: ObjectExtent, data: Buffer | null): Promise<string | null> {
     await this.gates.acquireExclusive(e.index);
     try {
+      // Before writing in place or removing a stray the stored map may still name.
+      await this.settle(e.index);
       const entry = this.map.lookup(e.index) ?? await this.map.lookupAsync(e.index);
       if (this.map.isOwned(entry)) {
         const name = this.map.objectName(entry, e.index);
@@ -257,7 +297,7 @@ export class Volume {
       await this.unmap(e.index);
       return null;
     }
-    await this.gates.acquireShared(e.index);
+    await this.acquireSettled(e.index);
     let entry: MapEntry;
     try {
       entry = this.map.lookup(e.index) ?? await this.map.lookupAsync(e.index);

@@ -6,7 +6,17 @@
  *   {"op":"snapshot","volume":V,"name":S}
  *       → {"ok":true,"op":"snapshot","volume":V,"name":S,"volumeId":..,"originGeneration":..,"online":bool}
  *   {"op":"status"}
- *       → {"ok":true,"op":"status","volumes":[{"name":..,"connections":n,"readOnly":bool}]}
+ *       → {"ok":true,"op":"status","volumes":[{"name":..,"connections":n,"readOnly":bool}],
+ *          "backend":{"timeoutMs":..,"timedOut":{op:n},"late":n,"fencedObjects":n,..,"faultInjection":bool}}
+ *   {"op":"faults","action":"show"}                     (only under serve --fault-injection)
+ *   {"op":"faults","action":"set","rules":[RULE,…]}     replaces every rule
+ *   {"op":"faults","action":"add","rule":RULE}          → also "id"
+ *   {"op":"faults","action":"clear"[,"release":"run"|"fail"][,"ids":[n,…]]}
+ *       → {"ok":true,"op":"faults","rules":[RULE + {id,matched,injected,hanging}],
+ *          "injectedTotal":n,"hanging":n,"backend":{…}[,"released":n]}
+ *       RULE = {"ops":["write",…],"prefix":"d.","rate":0.5,"limit":n,"seed":n,
+ *               and one of "fail":"EIO"|"ENOSPC"|…, "delayMs":n, "hang":true}
+ *       (blockers/faulty.ts; docs/reliability.md "Backend faults")
  *   anything else, or a failure
  *       → {"ok":false,"code":"ARCH_E_…","message":"…"}
  *
@@ -27,6 +37,7 @@ import { checkNameFree, createSnapshot } from '../mapper/snapshot-create.js';
 import { validateVolumeName } from '../mapper/names.js';
 import { UsageError, VolumeNotFoundError } from '../mapper/errors.js';
 import type { Store } from './store.js';
+import type { GuardedStore } from './backend.js';
 import type { VolumeProvider } from './volume-export.js';
 import type { Logger } from '../common/log.js';
 
@@ -41,7 +52,13 @@ export class AdminServer {
   private serial: Promise<unknown> = Promise.resolve();
   private path: string | null = null;
 
-  constructor(private readonly store: Store, private readonly provider: VolumeProvider, private readonly log: Logger) {
+  constructor(
+    private readonly store: Store,
+    private readonly provider: VolumeProvider,
+    private readonly log: Logger,
+    /** Backend timeouts and the fault injector (backend.ts), when the daemon has them. */
+    private readonly backend: Pick<GuardedStore, 'faults' | 'status'> | null = null,
+  ) {
     this.server = net.createServer((socket) => this.accept(socket));
     this.server.on('error', (err) => this.log.error(`admin listener: ${err.message}`, { err }));
   }
@@ -111,7 +128,9 @@ export class AdminServer {
       const r = req as Record<string, unknown>;
       switch (r.op) {
         case 'status':
-          return { ok: true, op: 'status', volumes: this.status() };
+          return { ok: true, op: 'status', volumes: this.status(), ...(this.backend ? { backend: this.backend.status() } : {}) };
+        case 'faults':
+          return this.faults(r);
         case 'snapshot': {
           const volume = stringField(r, 'volume');
           const name = stringField(r, 'name');
@@ -122,7 +141,7 @@ export class AdminServer {
           return { ok: true, op: 'snapshot', volume, name, ...(await run) };
         }
         default:
-          throw new UsageError(`unknown op ${JSON.stringify(r.op)} (expected "snapshot" or "status")`);
+          throw new UsageError(`unknown op ${JSON.stringify(r.op)} (expected "snapshot", "status" or "faults")`);
       }
     } catch (err) {
       const e = err as Error & { code?: unknown };
@@ -130,6 +149,38 @@ export class AdminServer {
       if (code === 'ARCH_E_INTERNAL') this.log.error(`admin request failed: ${e.message}`, { err });
       return { ok: false, code, message: e.message ?? String(err) };
     }
+  }
+
+  /** The `faults` op (file comment); refused unless the daemon runs with --fault-injection. */
+  private faults(r: Record<string, unknown>): Reply {
+    const faults = this.backend?.faults;
+    if (!faults) throw new UsageError('fault injection is off: start the daemon with serve --fault-injection (tests and drills only)');
+    const extra: Record<string, unknown> = {};
+    switch (r.action) {
+      case 'show':
+        break;
+      case 'set':
+        if (!Array.isArray(r.rules)) throw new UsageError('faults set: "rules" must be a list of rules');
+        extra.ids = faults.setRules(r.rules);
+        break;
+      case 'add':
+        extra.id = faults.addRule(r.rule);
+        break;
+      case 'clear': {
+        const release = r.release ?? 'run';
+        if (release !== 'run' && release !== 'fail') throw new UsageError('faults clear: "release" must be "run" or "fail"');
+        const ids = r.ids;
+        if (ids !== undefined && !(Array.isArray(ids) && ids.every((i) => Number.isSafeInteger(i)))) {
+          throw new UsageError('faults clear: "ids" must be a list of rule ids');
+        }
+        extra.released = faults.clear({ release, ids: ids as number[] | undefined });
+        break;
+      }
+      default:
+        throw new UsageError(`faults: unknown action ${JSON.stringify(r.action)} (expected "show", "set", "add" or "clear")`);
+    }
+    if (r.action !== 'show') this.log.warn(`fault injection: ${String(r.action)}`, { request: r, ...extra });
+    return { ok: true, op: 'faults', ...faults.stats(), backend: this.backend!.status(), ...extra };
   }
 
   private status(): { name: string; connections: number }[] {

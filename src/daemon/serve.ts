@@ -9,6 +9,7 @@ import { observeBlocker } from '../blockers/observed.js';
 import { openStore, type Store } from './store.js';
 import { VolumeProvider } from './volume-export.js';
 import { AdminServer } from './admin.js';
+import { backendTimeoutSec, guardStore, storeUrlWithTimeout } from './backend.js';
 import { DaemonMetrics } from './metrics.js';
 import { listenMetrics, type MetricsServer } from './metrics-http.js';
 import type { Logger } from '../common/log.js';
@@ -24,6 +25,13 @@ export interface ServeOptions {
   metrics?: string | null;
   log: Logger;
   maxConnections?: number;
+  /**
+   * Bound on one backend operation in seconds (default 30; 0: none); on RADOS
+   * also the default of the store URL's op_timeout (backend.ts).
+   */
+  backendTimeout?: number;
+  /** Wrap the store with the fault injector; the admin socket then accepts `faults` (tests, drills only). */
+  faultInjection?: boolean;
   /** Called once the listeners are up (systemd READY, tests), with the NBD addresses and the metrics port. */
   onReady?: (addresses: { port?: number; path?: string }[], extra: { metricsPort?: number }) => void;
 }
@@ -62,8 +70,9 @@ function observedStore(store: Store, metrics: DaemonMetrics): Store {
 export async function startDaemon(o: ServeOptions): Promise<RunningDaemon> {
   const metricsAddress = o.metrics ? parseListen(o.metrics, '--metrics') : null;
   const metrics = metricsAddress ? new DaemonMetrics() : null;
-  const opened = await openStore(o.store, o.log.child({ component: 'blocker' }));
-  const store = metrics ? observedStore(opened, metrics) : opened;
+  const opened = await openStore(storeUrlWithTimeout(o.store, backendTimeoutSec(o.backendTimeout)), o.log.child({ component: 'blocker' }));
+  const guarded = guardStore(opened, { timeoutSec: o.backendTimeout, faultInjection: o.faultInjection, log: o.log.child({ component: 'blocker' }) });
+  const store = metrics ? observedStore(guarded.store, metrics) : guarded.store;
   const provider = new VolumeProvider(store, o.log.child({ component: 'volume' }), metrics?.volumeHooks);
   const server = new NbdServer({
     provider, log: o.log.child({ component: 'nbd' }), maxConnections: o.maxConnections, hooks: metrics?.nbdHooks,
@@ -74,7 +83,7 @@ export async function startDaemon(o: ServeOptions): Promise<RunningDaemon> {
     volumesOpen: () => provider.openCount,
   });
   const addresses: { port?: number; path?: string }[] = [];
-  const admin = o.adminSocket ? new AdminServer(store, provider, o.log.child({ component: 'admin' })) : null;
+  const admin = o.adminSocket ? new AdminServer(store, provider, o.log.child({ component: 'admin' }), guarded) : null;
   let metricsServer: MetricsServer | null = null;
   try {
     if (o.listen) addresses.push(await server.listen(parseListen(o.listen)));
@@ -93,17 +102,25 @@ export async function startDaemon(o: ServeOptions): Promise<RunningDaemon> {
   let stopping: Promise<void> | null = null;
   const stop = () => {
     stopping ??= (async () => {
-      o.log.info('shutting down: draining connections');
+      // One line per step, so a shutdown that hangs shows where (journal).
+      const started = Date.now();
+      const step = (msg: string, fields: Record<string, unknown> = {}) =>
+        o.log.info(`shutdown: ${msg}`, { ms: Date.now() - started, ...fields });
+      step('stopping listeners, draining connections', { connections: server.connectionCount, volumes: provider.openCount });
       await metricsServer?.close();
       await admin?.close();
       await server.close();
+      const volumes = provider.openCount;
+      step('connections closed; flushing and closing volumes', { volumes });
       await provider.close();
+      step('volumes closed; closing the store');
       await store.close();
-      o.log.info('shut down cleanly');
+      o.log.info('shut down cleanly', { ms: Date.now() - started });
     })();
     return stopping;
   };
   const abort = async () => {
+    o.log.warn('aborting: dropping every connection now', { connections: server.connectionCount, volumes: provider.openCount });
     await metricsServer?.close();
     await admin?.close();
     await server.destroy();

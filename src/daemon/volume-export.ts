@@ -30,6 +30,8 @@ export interface VolumeHooks {
 interface OpenVolume {
   opening: Promise<Volume>;
   refs: number;
+  /** Date.now() at open, for the "closed" log line. */
+  since: number;
 }
 
 export class VolumeProvider implements ExportProvider {
@@ -57,7 +59,7 @@ export class VolumeProvider implements ExportProvider {
   async acquire(name: string): Promise<{ volume: Volume; release: () => Promise<void> } | null> {
     let v = this.volumes.get(name);
     if (!v) {
-      v = { refs: 0, opening: this.openVolume(name) };
+      v = { refs: 0, opening: this.openVolume(name), since: Date.now() };
       this.volumes.set(name, v);
     }
     v.refs++;
@@ -92,7 +94,7 @@ export class VolumeProvider implements ExportProvider {
       throw err;
     }
     const readOnly = (map.flags & (VolumeFlags.READONLY | VolumeFlags.SNAPSHOT)) !== 0;
-    this.log.info(`volume ${name} opened${readOnly ? ' read-only' : ''}`, { generation: map.generation, size: map.size });
+    this.log.info(`volume ${name} opened${readOnly ? ' read-only' : ''}`, { volume: name, generation: map.generation, size: map.size });
     const volume = new Volume(map, this.store.data, readOnly);
     this.hooks.opened?.(name, volume);
     return volume;
@@ -110,7 +112,7 @@ export class VolumeProvider implements ExportProvider {
     if (--v.refs > 0) return;
     if (this.volumes.get(name) === v) this.volumes.delete(name);
     await this.closeVolume(name, await v.opening);
-    this.log.info(`volume ${name} closed`);
+    this.log.info(`volume ${name} closed`, { volume: name, openMs: Date.now() - v.since });
   }
 
   /** Number of volumes open now. */
@@ -118,11 +120,27 @@ export class VolumeProvider implements ExportProvider {
     return this.volumes.size;
   }
 
-  /** Closes every open volume (after the server stopped using them). */
+  /**
+   * Closes every open volume (after the server stopped using them). A volume
+   * that fails to flush is logged and the others still close.
+   */
   async close(): Promise<void> {
     const all = [...this.volumes];
     this.volumes.clear();
-    await Promise.allSettled(all.map(async ([name, v]) => this.closeVolume(name, await v.opening)));
+    await Promise.allSettled(all.map(async ([name, v]) => {
+      let volume: Volume;
+      try {
+        volume = await v.opening;
+      } catch {
+        return; // never opened: its failure was reported to whoever asked
+      }
+      try {
+        await this.closeVolume(name, volume);
+        this.log.info(`volume ${name} closed`, { volume: name, openMs: Date.now() - v.since });
+      } catch (err) {
+        this.log.error(`volume ${name}: close failed: ${(err as Error).message}`, { volume: name, err });
+      }
+    }));
   }
 }
 

@@ -28,6 +28,21 @@
  * is atomic, and each is issued only after what it points at is durable, so a
  * crash leaves the old mapping or the new one (docs/format.md §5).
  *
+ * A failed commit leaves storage in doubt: a chunk or header write that
+ * rejected (an error after the rename, a timeout whose write lands later:
+ * blockers/timeout.ts) may hold the old state or the attempted one, while
+ * memory keeps the old entries (or, when only the header failed, the new
+ * ones). So:
+ *   - the indexes of a batch whose chunk or header write was attempted and
+ *     failed are "unsettled" until a later commit of their chunk succeeds
+ *     (it rewrites the whole chunk from memory, behind the late write:
+ *     the timeout layer fences the object). The composer must not write in
+ *     place into an unsettled index — a FLUSH would then promise data that
+ *     the stored map may not reach — so it calls `settle(index)` first.
+ *   - after a failed header write the stored header may not reach every
+ *     chunk in memory ("header behind"): every commit then rewrites the
+ *     header too, in-place ones included, until one header write succeeds.
+ *
  * Validation happens at the edges (nbd, CLI): indexes and entries handed to this
  * class are asserted, not re-checked (STYLE.md habit 4).
  *
@@ -177,6 +192,10 @@ export class VolumeMap {
   readonly #hashes: string[] = [];
   readonly #hashIndex = new Map<string, number>();
   #tick = 0;
+  /** Object indexes whose stored entry may differ from memory after a failed commit (file comment). */
+  readonly #unsettled = new Set<number>();
+  /** The last header write failed: the stored header may not reach every chunk ref in memory. */
+  #headerBehind = false;
   #closed = false;
   #closing: Promise<void> | null = null;
 
@@ -394,6 +413,28 @@ export class VolumeMap {
   // ------------------------------------------------------------ updates
 
   /**
+   * False while a failed commit left the stored entry of object `index` in
+   * doubt (see the file comment); `settle` fixes that. Cheap: the set is
+   * empty unless the store failed.
+   */
+  isSettled(index: number): boolean {
+    return this.#unsettled.size === 0 || !this.#unsettled.has(index);
+  }
+
+  /**
+   * Makes storage agree with memory again for object `index` after a failed
+   * commit: commits its current entry, which rewrites its chunk (and the
+   * header when it is behind). A no-op when settled. The caller holds the
+   * index exclusively (compose gates), so the entry cannot change meanwhile.
+   */
+  async settle(index: number): Promise<void> {
+    this.#assertWritable();
+    if (this.isSettled(index)) return;
+    const entry = await this.lookupAsync(index);
+    await this.setEntries([{ index, entry }]);
+  }
+
+  /**
    * Sets entries and makes them durable: resolves when every update is in a
    * chunk on storage that the stored header reaches. Updates to one chunk are
    * committed in call order (a later update of the same index wins); updates
@@ -477,7 +518,16 @@ export class VolumeMap {
       };
       const buf = encodeHeader(next);
       this.#stats.headerWrites++;
-      await this.#blocker.replace(headerObjectName(this.#name), buf);
+      try {
+        await this.#blocker.replace(headerObjectName(this.#name), buf);
+      } catch (err) {
+        // The new generation may still land: the next commit rewrites the
+        // header as memory has it (gen unchanged; objects of this generation
+        // written meanwhile would count as shared after a crash: safe).
+        this.#headerBehind = true;
+        throw err;
+      }
+      this.#headerBehind = false;
       // Durable: publish.
       this.#header.generation = generation;
       this.#header.writableSince = generation;
@@ -644,16 +694,26 @@ export class VolumeMap {
     const inPlace = current !== undefined && current.source === h.writerSource && current.generation >= h.writableSince;
     const target: ChunkRef = inPlace ? current : { chunkIndex: slot.index, source: h.writerSource, generation: h.generation };
     const volumeId = h.sources[target.source]!;
-    await this.#blocker.replace(chunkObjectName(volumeId, target.generation, target.chunkIndex),
-      encodeChunk({ volumeId, generation: target.generation, chunkIndex: target.chunkIndex }, next, this.#hashes));
-    this.#stats.chunkWrites++;
-    // From here memory follows the newest chunk object: a later header write
-    // will reach it even if the one below fails.
-    slot.entries = next;
-    if (!inPlace) {
-      this.#stats.chunkNewNames++;
-      this.#refs.set(slot.index, target);
-      await this.#headerCommit.request();
+    try {
+      await this.#blocker.replace(chunkObjectName(volumeId, target.generation, target.chunkIndex),
+        encodeChunk({ volumeId, generation: target.generation, chunkIndex: target.chunkIndex }, next, this.#hashes));
+      this.#stats.chunkWrites++;
+      // From here memory follows the newest chunk object: a later header write
+      // will reach it even if the one below fails.
+      slot.entries = next;
+      if (!inPlace) {
+        this.#stats.chunkNewNames++;
+        this.#refs.set(slot.index, target);
+      }
+      if (!inPlace || this.#headerBehind) await this.#headerCommit.request();
+    } catch (err) {
+      // The write may have landed (or land later): storage is in doubt for this batch.
+      for (const u of batch) this.#unsettled.add(u.index);
+      throw err;
+    }
+    // The whole chunk as memory has it is stored and reached: nothing in it is in doubt.
+    if (this.#unsettled.size > 0) {
+      for (const i of this.#unsettled) if (i >= base && i < base + CHUNK_ENTRIES) this.#unsettled.delete(i);
     }
   }
 
@@ -662,7 +722,11 @@ export class VolumeMap {
     this.#header.chunkRefs = [...this.#refs.values()].sort((a, b) => a.chunkIndex - b.chunkIndex);
     const buf = encodeHeader(this.#header);
     this.#stats.headerWrites++;
-    return this.#blocker.replace(headerObjectName(this.#name), buf);
+    // Runs are serial (GroupCommit): the last one to finish says whether the
+    // stored header reaches every ref in memory (each run writes them all).
+    return this.#blocker.replace(headerObjectName(this.#name), buf).then(
+      () => { this.#headerBehind = false; },
+      (err: unknown) => { this.#headerBehind = true; throw err; });
   }
 
   async #drain(): Promise<void> {

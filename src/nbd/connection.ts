@@ -72,6 +72,8 @@ const HANDSHAKE_READAHEAD = 256 * 1024;
 export class Connection implements HandshakeIO {
   status = Status.Handshake;
   exportName: string | null = null;
+  /** Why the connection ended, for the "connection closed" log line (the first cause wins). */
+  endReason: string | null = null;
   private chunks: Buffer[] = [];
   private buffered = 0;
   private waiter: { n: number; resolve: (b: Buffer) => void; reject: (e: Error) => void } | null = null;
@@ -175,14 +177,16 @@ export class Connection implements HandshakeIO {
       });
     } catch (err) {
       clearTimeout(this.timer);
-      const hooks = this.opts.hooks;
-      if (hooks?.handshakeFailed) {
-        hooks.handshakeFailed(this.timedOut ? 'timeout' : this.status === Status.Dead ? 'peer_closed'
-          : err instanceof NbdProtocolError ? 'protocol' : 'error');
-      }
+      const reason: HandshakeFailure = this.timedOut ? 'timeout' : this.status === Status.Dead ? 'peer_closed'
+        : err instanceof NbdProtocolError ? 'protocol' : 'error';
+      this.opts.hooks?.handshakeFailed?.(reason);
+      this.endReason ??= `handshake failed: ${describeError(err)}`;
       if (this.status !== Status.Dead) {
-        this.log.warn(`handshake failed: ${describeError(err)}`);
+        this.log.warn(`handshake failed: ${describeError(err)}`, { reason });
         this.socket.destroy();
+      } else if (!this.timedOut) {
+        // Mostly TCP health checks and probes: not worth a line at info.
+        this.log.debug(`handshake ended: peer closed the connection`, { reason });
       }
       this.opts.onNegotiated?.(null);
       return;
@@ -190,6 +194,7 @@ export class Connection implements HandshakeIO {
     clearTimeout(this.timer);
     if (!neg) {
       // NBD_OPT_ABORT: the client closes; close our side too.
+      this.endReason ??= 'client aborted the handshake (NBD_OPT_ABORT)';
       this.status = Status.ClientDone;
       this.opts.onNegotiated?.(null);
       this.endSocket();
@@ -230,13 +235,15 @@ export class Connection implements HandshakeIO {
   private handshakeTimeout(): void {
     if (this.status === Status.Handshake) {
       this.timedOut = true;
-      this.log.warn(`handshake failed: no export negotiated within ${this.opts.handshakeTimeoutMs} ms`);
+      this.endReason ??= 'handshake timed out';
+      this.log.warn(`handshake failed: no export negotiated within ${this.opts.handshakeTimeoutMs} ms`, { reason: 'timeout' });
       this.socket.destroy();
     }
   }
 
   /** DISC or a framing error: finish what is running, then close. */
   private async finish(reason: string, protocolError: boolean): Promise<void> {
+    this.endReason ??= protocolError ? `protocol error: ${reason}` : reason;
     if (protocolError) {
       this.log.warn(`connection dropped: ${reason}`);
       this.status = Status.Dead;
@@ -260,6 +267,7 @@ export class Connection implements HandshakeIO {
   }
 
   private async onSocketClose(): Promise<void> {
+    this.endReason ??= 'peer closed the connection';
     this.status = Status.Dead;
     clearTimeout(this.timer);
     const w = this.waiter;
@@ -300,6 +308,7 @@ export class Connection implements HandshakeIO {
       this.socket.destroy();
       return this.closed;
     }
+    this.endReason ??= 'server shutting down';
     this.status = Status.ShuttingDown;
     this.transmission!.shutdown();
     await this.transmission!.idle();
@@ -309,6 +318,7 @@ export class Connection implements HandshakeIO {
 
   /** Abort: drop the socket now; running requests finish with nowhere to reply. */
   destroy(): Promise<void> {
+    this.endReason ??= 'server aborted the connection';
     this.socket.destroy();
     return this.closed;
   }

@@ -244,6 +244,9 @@ async function optInfoGo(ctx: HandshakeContext, st: State, opt: number, data: Bu
   }
   const exp = await openExport(ctx, req.name);
   if (!exp) {
+    // Not a failure (the client may go on, or was probing for a volume about
+    // to appear), but what an operator needs to see of a failed attach.
+    ctx.log.info(`handshake: ${what}: unknown export ${JSON.stringify(req.name)}`, { export: req.name });
     io.write(encodeOptionError(opt, NBD_REP.ERR_UNKNOWN, `${what}: unknown export ${JSON.stringify(req.name)}`));
     return null;
   }

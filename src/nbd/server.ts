@@ -101,6 +101,8 @@ export class NbdServer {
     }
     this.options.hooks?.connectionAccepted?.();
     const log = this.log.child({ peer });
+    const accepted = Date.now();
+    log.debug('connection accepted');
     const conn = new Connection(socket, {
       provider: this.options.provider,
       handshake: this.handshake,
@@ -110,10 +112,19 @@ export class NbdServer {
       shuttingDown: () => this.stopping,
       observer: this.options.observer ?? null,
       hooks: this.options.hooks ?? null,
-      onNegotiated: (name) => { if (name !== null) log.info(`export ${JSON.stringify(name)} opened`); },
+      onNegotiated: (name) => {
+        if (name !== null) log.info(`connection opened: export ${JSON.stringify(name)}`, { export: name, handshakeMs: Date.now() - accepted });
+      },
     });
     this.connections.add(conn);
-    void conn.closed.then(() => this.connections.delete(conn));
+    void conn.closed.then(() => {
+      this.connections.delete(conn);
+      // Connections that never reached an export were logged by their
+      // handshake (failed: warn; health checks and NBD_OPT_ABORT: debug).
+      const fields = { reason: conn.endReason, ms: Date.now() - accepted };
+      if (conn.exportName !== null) log.info(`connection closed: export ${JSON.stringify(conn.exportName)}: ${conn.endReason}`, { export: conn.exportName, ...fields });
+      else log.debug(`connection closed: ${conn.endReason}`, fields);
+    });
   }
 
   /**

@@ -27,7 +27,8 @@ export const CLI = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '.
  * process tracking) would double the start-up time of every CLI run.
  */
 export function childEnv(extra: NodeJS.ProcessEnv = {}): NodeJS.ProcessEnv {
-  const env = { ...process.env, ...extra };
+  // No config file: /etc/archipelago/archipelago.conf on this machine must not leak into tests.
+  const env: NodeJS.ProcessEnv = { ...process.env, ARCHIPELAGO_CONFIG: '', ...extra };
   delete env.NODE_OPTIONS;
   return env;
 }

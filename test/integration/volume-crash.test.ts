@@ -20,18 +20,20 @@
  * Every restart must load the map: `archipelago info` works and the daemon
  * serves the volume again (a full read loads every map chunk).
  *
+ * The model, the PRNG and the libnbd driver live in test/helpers/crash-model.ts,
+ * shared with the crash-loop soak (test/helpers/crash-loop.ts).
+ *
  * Reproduce a run: ARCHIPELAGO_MODEL_SEED=<seed> (printed at the start and
  * in every failure), ARCHIPELAGO_MODEL_STEPS=<n> for a longer run.
  */
-import t, { type Test } from 'tap';
-import { spawn, type ChildProcess } from 'node:child_process';
+import t from 'tap';
 import fs from 'node:fs/promises';
-import path from 'node:path';
-import readline from 'node:readline';
-import { fileURLToPath } from 'node:url';
 import { cli, startDaemon, type Daemon } from '../helpers/daemon.js';
 import { tempStore } from '../helpers/stores.js';
-import { diag, nbdshEnv } from '../helpers/run.js';
+import { diag } from '../helpers/run.js';
+import {
+  NbdDriver as Driver, SectorModel, driverScript, makeRng, randomData as randomBytes, type DriverReply as Reply,
+} from '../helpers/crash-model.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -51,177 +53,13 @@ if ((SEED_ENV !== undefined && !/^\d+$/.test(SEED_ENV)) || (STEPS_ENV !== undefi
 const SEED = SEED_ENV !== undefined ? Number(SEED_ENV) >>> 0 : (Math.random() * 2 ** 32) >>> 0;
 const STEPS = STEPS_ENV !== undefined ? Number(STEPS_ENV) : 400;
 
-// ---------------------------------------------------------------- PRNG (sfc32, seeded by splitmix32)
-
-function makeRng(seed: number): () => number {
-  let s = seed >>> 0;
-  const split = () => {
-    s = (s + 0x9e3779b9) >>> 0;
-    let z = s;
-    z = Math.imul(z ^ (z >>> 16), 0x85ebca6b) >>> 0;
-    z = Math.imul(z ^ (z >>> 13), 0xc2b2ae35) >>> 0;
-    return (z ^ (z >>> 16)) >>> 0;
-  };
-  let a = split(), b = split(), c = split(), d = split();
-  return () => {
-    const r = (((a + b) >>> 0) + d) >>> 0;
-    d = (d + 1) >>> 0;
-    a = b ^ (b >>> 9);
-    b = (c + (c << 3)) >>> 0;
-    c = ((c << 21) | (c >>> 11)) >>> 0;
-    c = (c + r) >>> 0;
-    return r;
-  };
-}
+// ---------------------------------------------------------------- PRNG, model, driver (test/helpers/crash-model.ts)
 
 const rng = makeRng(SEED);
 /** Integer in [0, n). */
 const rand = (n: number) => Math.floor((rng() / 2 ** 32) * n);
 const chance = (p: number) => rng() / 2 ** 32 < p;
-
-/** Random bytes from the seeded generator (xorshift32 from one draw). */
-function randomData(len: number): Buffer {
-  const buf = Buffer.allocUnsafe(len);
-  let x = rng() | 1;
-  let i = 0;
-  for (; i + 4 <= len; i += 4) {
-    x ^= x << 13; x ^= x >>> 17; x ^= x << 5;
-    buf.writeInt32LE(x | 0, i);
-  }
-  for (; i < len; i++) {
-    x ^= x << 13; x ^= x >>> 17; x ^= x << 5;
-    buf[i] = x & 0xff;
-  }
-  return buf;
-}
-
-// ---------------------------------------------------------------- the model
-
-class Model {
-  readonly cur = Buffer.alloc(SIZE);
-  /** Sector -> allowed values after a crash (latin1 strings), or null = any. */
-  readonly pending = new Map<number, Set<string> | null>();
-  capHits = 0;
-
-  /** Applies an acknowledged write (data null = zeros). durable: FUA. */
-  write(off: number, len: number, data: Buffer | null, durable: boolean): void {
-    const first = Math.floor(off / SECTOR);
-    const last = Math.floor((off + len - 1) / SECTOR);
-    for (let s = first; s <= last; s++) {
-      const base = s * SECTOR;
-      const a = Math.max(off, base) - base;
-      const b = Math.min(off + len, base + SECTOR) - base;
-      const overlay = (v: string): string => {
-        const sec = Buffer.from(v, 'latin1');
-        if (data) data.copy(sec, a, base + a - off, base + b - off);
-        else sec.fill(0, a, b);
-        return sec.toString('latin1');
-      };
-      let set = this.pending.get(s);
-      if (durable) {
-        if (set === undefined) continue;
-        if (set === null) {
-          if (a === 0 && b === SECTOR) this.pending.delete(s);
-          continue;
-        }
-        const next = new Set([...set].map(overlay));
-        if (next.size === 1) this.pending.delete(s);
-        else this.pending.set(s, next);
-      } else {
-        if (set === null) continue;
-        if (set === undefined) set = new Set([this.cur.toString('latin1', base, base + SECTOR)]);
-        const next = new Set(set);
-        for (const v of set) next.add(overlay(v));
-        if (next.size > CAP) {
-          this.pending.set(s, null);
-          this.capHits++;
-        } else {
-          this.pending.set(s, next);
-        }
-      }
-    }
-    if (data) data.copy(this.cur, off, 0, len);
-    else this.cur.fill(0, off, off + len);
-  }
-
-  flushed(): void {
-    this.pending.clear();
-  }
-
-  /** Sectors of `actual` (the whole volume) that no allowed state explains. */
-  checkAfterCrash(actual: Buffer): number[] {
-    const bad: number[] = [];
-    for (let s = 0; s < SECTORS; s++) {
-      const base = s * SECTOR;
-      const got = actual.subarray(base, base + SECTOR);
-      if (got.equals(this.cur.subarray(base, base + SECTOR))) continue;
-      const set = this.pending.get(s);
-      if (set === null) continue;
-      if (set !== undefined && set.has(got.toString('latin1'))) continue;
-      bad.push(s);
-    }
-    return bad;
-  }
-
-  /** After a crash the state read back is the new durable state. */
-  settle(actual: Buffer): void {
-    actual.copy(this.cur);
-    this.pending.clear();
-  }
-}
-
-// ---------------------------------------------------------------- the libnbd driver (driver.py)
-
-interface Reply { ok: boolean; error?: string; errno?: string | number | null; data?: string; done?: boolean[]; size?: number }
-
-/** The script is a source, not compiled: build/test/integration/ -> repository root -> test/integration/nbdsh/. */
-function driverScript(): string {
-  return path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..', '..', 'test', 'integration', 'nbdsh', 'driver.py');
-}
-
-class Driver {
-  private readonly child: ChildProcess;
-  private readonly waiting: Array<{ resolve: (r: Reply) => void; reject: (e: Error) => void }> = [];
-  private exited = false;
-  private stderr = '';
-
-  constructor(t: Test, script: string) {
-    this.child = spawn('/usr/bin/python3', [script], { stdio: ['pipe', 'pipe', 'pipe'], env: nbdshEnv() });
-    const pid = this.child.pid!;
-    t.teardown(() => {
-      if (!this.exited) { try { process.kill(pid, 'SIGKILL'); } catch { /* gone */ } }
-    });
-    this.child.stderr!.setEncoding('utf8');
-    this.child.stderr!.on('data', (s: string) => { this.stderr = (this.stderr + s).slice(-8000); });
-    this.child.stdin!.on('error', () => { /* reported through exit */ });
-    readline.createInterface({ input: this.child.stdout! }).on('line', (line) => {
-      const w = this.waiting.shift();
-      if (!w) return;
-      try { w.resolve(JSON.parse(line) as Reply); } catch (e) { w.reject(e as Error); }
-    });
-    this.child.on('exit', (code, signal) => {
-      this.exited = true;
-      for (const w of this.waiting.splice(0)) w.reject(new Error(`driver.py exited (${code ?? signal}): ${this.stderr}`));
-    });
-  }
-
-  request(req: Record<string, unknown>, timeoutMs = 60_000): Promise<Reply> {
-    if (this.exited) return Promise.reject(new Error(`driver.py is gone: ${this.stderr}`));
-    return new Promise((resolve, reject) => {
-      const timer = setTimeout(() => reject(new Error(`driver.py: no reply to ${String(req.op)} in ${timeoutMs} ms`)), timeoutMs);
-      this.waiting.push({
-        resolve: (r) => { clearTimeout(timer); resolve(r); },
-        reject: (e) => { clearTimeout(timer); reject(e); },
-      });
-      this.child.stdin!.write(JSON.stringify(req) + '\n');
-    });
-  }
-
-  async quit(): Promise<void> {
-    if (this.exited) return;
-    await this.request({ op: 'quit' }, 10_000).catch(() => undefined);
-  }
-}
+const randomData = (len: number): Buffer => randomBytes(rng, len);
 
 // ---------------------------------------------------------------- random operations
 
@@ -294,7 +132,7 @@ t.test(`model-based crash test: seed ${SEED}, ${STEPS} steps`, async (t) => {
   const script = driverScript();
   await fs.access(script);
   const driver = new Driver(t, script);
-  const model = new Model();
+  const model = new SectorModel(SIZE, CAP);
   const log: string[] = [];
   const counts: Record<string, number> = {};
   const count = (k: string) => { counts[k] = (counts[k] ?? 0) + 1; };
