@@ -70,7 +70,7 @@ function startedPids(r: RunResult): number[] {
 }
 
 t.test('start, 1 MiB round trip, stop, status, restart keeps the object, env', async (t) => {
-  const c = await startCeph(t);
+  const c = await startCeph(t, { exclusive: true });
   t.match(c.url(), new RegExp(`^rados:archipelago\\?maps=archipelago-maps&conf=${c.dir}/ceph\\.conf$`), 'store URL');
   t.equal(c.url({ id: 'archipelago', op_timeout: 5 }), `rados:archipelago?maps=archipelago-maps&conf=${c.conf}&id=archipelago&op_timeout=5`);
 
@@ -118,7 +118,7 @@ t.test('start, 1 MiB round trip, stop, status, restart keeps the object, env', a
 });
 
 t.test('two clusters side by side, each with its own objects', async (t) => {
-  const [a, b] = await Promise.all([startCeph(t), startCeph(t)]);
+  const [a, b] = await Promise.all([startCeph(t, { exclusive: true }), startCeph(t, { exclusive: true })]);
   const monOf = async (c: CephCluster) => /mon host = (.*)/.exec(await fs.readFile(c.conf, 'utf8'))![1];
   t.not(await monOf(a), await monOf(b), 'different mon addresses');
   const da = await putRandom(t, a, 'only-in-a');
