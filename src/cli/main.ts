@@ -15,6 +15,9 @@ const USAGE_CODES = new Set(['ARCH_E_USAGE', 'ARCH_E_CONFIG', 'ARCH_E_BAD_NAME',
 try {
   await yargs(hideBin(process.argv))
     .scriptName('archipelago')
+    // A repeated flag means its last value (as in most CLIs), not an array
+    // the setting code would not recognise.
+    .parserConfiguration({ 'duplicate-arguments-array': false })
     .command(serve)
     .command(create)
     .command(list)
