@@ -37,10 +37,11 @@ export ARCHIPELAGO_TEST_CEPH=$ceph_dir
 npx tap
 
 # The volume tests again, on RADOS: daemon, CLI, real clients, snapshots and
-# clones, images, the crash model.
+# clones, images, the crash model and the crash loop.
 ARCHIPELAGO_TEST_BACKEND=rados npx tap \
   build/test/integration/volume-cli.test.js \
   build/test/integration/volume-clients.test.js \
   build/test/integration/volume-crash.test.js \
+  build/test/integration/crash-loop.test.js \
   build/test/integration/snapshot-clone.test.js \
   build/test/integration/image.test.js
