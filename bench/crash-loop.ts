@@ -22,7 +22,7 @@
 import fs from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
-import { argValue, root } from './lib.js';
+import { argValue, root, scriptCleanup } from './lib.js';
 import { run } from '../test/helpers/run.js';
 import { childEnv } from '../test/helpers/daemon.js';
 import { CrashLoopFailure, runCrashLoop, type CrashLoopResult } from '../test/helpers/crash-loop.js';
@@ -40,23 +40,7 @@ if (!Number.isInteger(cycles) || cycles < 1) throw new Error('--cycles: a whole 
 if (backend !== 'file' && backend !== 'rados') throw new Error(`--backend ${backend}: file or rados`);
 if (seedArg !== '' && !/^\d+$/.test(seedArg)) throw new Error('--seed: a whole number');
 
-/** Cleanup steps, run last-in first-out: the tap teardown contract for a plain script. */
-class Cleanup {
-  private readonly fns: (() => unknown)[] = [];
-  teardown(fn: () => unknown): void { this.fns.push(fn); }
-  async run(): Promise<void> {
-    while (this.fns.length) {
-      try { await this.fns.pop()!(); } catch (err) { console.error(`cleanup: ${String(err)}`); }
-    }
-  }
-}
-
-const cleanup = new Cleanup();
-let cleaning: Promise<void> | null = null;
-const cleanOnce = () => (cleaning ??= cleanup.run());
-for (const sig of ['SIGINT', 'SIGTERM'] as const) {
-  process.once(sig, () => { console.error(`${sig}: stopping`); void cleanOnce().then(() => process.exit(130)); });
-}
+const { cleanup, cleanOnce } = scriptCleanup();
 
 const work = await fs.mkdtemp(path.join(argValue('dir', os.tmpdir()), 'archipelago-crash-loop-'));
 cleanup.teardown(() => fs.rm(work, { recursive: true, force: true }));

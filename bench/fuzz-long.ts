@@ -30,7 +30,7 @@ import fss from 'node:fs';
 import http from 'node:http';
 import os from 'node:os';
 import path from 'node:path';
-import { argValue } from './lib.js';
+import { argValue, scriptCleanup } from './lib.js';
 import { cli, startDaemon, type Daemon } from '../test/helpers/daemon.js';
 import { NbdDriver, makeRng, randomData } from '../test/helpers/crash-model.js';
 import { FuzzFailure, runFuzz, type FuzzResult } from '../test/helpers/nbd-fuzz.js';
@@ -47,21 +47,7 @@ const seed = seedArg !== '' ? Number(seedArg) >>> 0 : (Math.random() * 2 ** 32) 
 /** RSS growth from the start sample to the end sample that counts as "not flat". */
 const RSS_LIMIT = 64 * MiB;
 
-class Cleanup {
-  private readonly fns: (() => unknown)[] = [];
-  teardown(fn: () => unknown): void { this.fns.push(fn); }
-  async run(): Promise<void> {
-    while (this.fns.length) {
-      try { await this.fns.pop()!(); } catch (err) { console.error(`cleanup: ${String(err)}`); }
-    }
-  }
-}
-const cleanup = new Cleanup();
-let cleaning: Promise<void> | null = null;
-const cleanOnce = () => (cleaning ??= cleanup.run());
-for (const sig of ['SIGINT', 'SIGTERM'] as const) {
-  process.once(sig, () => { console.error(`${sig}: stopping`); void cleanOnce().then(() => process.exit(130)); });
-}
+const { cleanup, cleanOnce } = scriptCleanup();
 
 function rssOf(pid: number): number {
   const m = /^VmRSS:\s+(\d+) kB$/m.exec(fss.readFileSync(`/proc/${pid}/status`, 'utf8'));

@@ -152,3 +152,28 @@ export async function versionOf(cmd: string, args: string[]): Promise<string> {
     return 'unknown';
   }
 }
+
+/** Cleanup steps, run last-in first-out: the tap teardown contract for a plain script. */
+export class Cleanup {
+  private readonly fns: (() => unknown)[] = [];
+  teardown(fn: () => unknown): void { this.fns.push(fn); }
+  async run(): Promise<void> {
+    while (this.fns.length) {
+      try { await this.fns.pop()!(); } catch (err) { console.error(`cleanup: ${String(err)}`); }
+    }
+  }
+}
+
+/**
+ * A script's cleanup: `cleanOnce()` runs it once (at the end, or on SIGINT /
+ * SIGTERM, which then exit 130).
+ */
+export function scriptCleanup(): { cleanup: Cleanup; cleanOnce: () => Promise<void> } {
+  const cleanup = new Cleanup();
+  let cleaning: Promise<void> | null = null;
+  const cleanOnce = () => (cleaning ??= cleanup.run());
+  for (const sig of ['SIGINT', 'SIGTERM'] as const) {
+    process.once(sig, () => { console.error(`${sig}: stopping`); void cleanOnce().then(() => process.exit(130)); });
+  }
+  return { cleanup, cleanOnce };
+}
