@@ -71,6 +71,24 @@ export function randomData(rng: () => number, len: number): Buffer {
 
 // ---------------------------------------------------------------- the model
 
+/**
+ * The part of a write of `len` bytes at `off` (data null: zeros) that falls
+ * in sector `s`: bytes [a, b) of the sector, and `overlay`, which lays them
+ * over a sector's value (a 512-byte latin1 string).
+ */
+export function sectorPart(s: number, off: number, len: number, data: Buffer | null): { a: number; b: number; overlay: (v: string) => string } {
+  const base = s * SECTOR;
+  const a = Math.max(off, base) - base;
+  const b = Math.min(off + len, base + SECTOR) - base;
+  const overlay = (v: string): string => {
+    const sec = Buffer.from(v, 'latin1');
+    if (data) data.copy(sec, a, base + a - off, base + b - off);
+    else sec.fill(0, a, b);
+    return sec.toString('latin1');
+  };
+  return { a, b, overlay };
+}
+
 export class SectorModel {
   readonly cur: Buffer;
   /** Sector -> allowed values after a crash (latin1 strings), or null = any. */
@@ -92,14 +110,7 @@ export class SectorModel {
     const last = Math.floor((off + len - 1) / SECTOR);
     for (let s = first; s <= last; s++) {
       const base = s * SECTOR;
-      const a = Math.max(off, base) - base;
-      const b = Math.min(off + len, base + SECTOR) - base;
-      const overlay = (v: string): string => {
-        const sec = Buffer.from(v, 'latin1');
-        if (data) data.copy(sec, a, base + a - off, base + b - off);
-        else sec.fill(0, a, b);
-        return sec.toString('latin1');
-      };
+      const { a, b, overlay } = sectorPart(s, off, len, data);
       let set = this.pending.get(s);
       if (durable) {
         if (set === undefined) continue;

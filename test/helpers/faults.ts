@@ -18,10 +18,11 @@ import path from 'node:path';
 import { adminRequest } from '../../src/daemon/admin.js';
 import { cli, startDaemon, type Daemon } from './daemon.js';
 import { tempDir } from './run.js';
+import { SECTOR, sectorPart } from './crash-model.js';
 
 interface Teardown { teardown(fn: () => unknown): void }
 
-export const SECTOR = 512;
+export { SECTOR };
 
 export interface FaultDaemon extends Daemon {
   admin: string;
@@ -81,15 +82,7 @@ export class FailureModel {
     for (let s = Math.floor(off / SECTOR); s <= Math.floor((off + len - 1) / SECTOR); s++) {
       const set = this.sets[s]!;
       if (set === null) continue;
-      const base = s * SECTOR;
-      const a = Math.max(off, base) - base;
-      const b = Math.min(off + len, base + SECTOR) - base;
-      const overlay = (v: string): string => {
-        const sec = Buffer.from(v, 'latin1');
-        if (data) data.copy(sec, a, base + a - off, base + b - off);
-        else sec.fill(0, a, b);
-        return sec.toString('latin1');
-      };
+      const { overlay } = sectorPart(s, off, len, data);
       const next = new Set([...set].map(overlay));
       if (!ok) for (const v of set) next.add(v);
       if (next.size > this.cap) {
