@@ -15,14 +15,30 @@
  * crash candidates (unflushed writes) are not modelled here: see crash-model.ts.
  */
 import path from 'node:path';
+import type { Test } from 'tap';
 import { adminRequest } from '../../src/daemon/admin.js';
 import { cli, startDaemon, type Daemon } from './daemon.js';
 import { tempDir } from './run.js';
-import { SECTOR, sectorPart } from './crash-model.js';
+import { NbdDriver, SECTOR, sectorPart } from './crash-model.js';
 
 interface Teardown { teardown(fn: () => unknown): void }
 
 export { SECTOR };
+
+/** `length` bytes of a pattern that differs per seed and never holds a zero byte. */
+export function pattern(seed: number, length: number): Buffer {
+  const b = Buffer.alloc(length);
+  for (let i = 0; i < length; i++) b[i] = (i * 31 + seed * 97 + (i >>> 9)) & 0xff || 1;
+  return b;
+}
+
+/** A libnbd driver (crash-model.ts) connected to `volume` of the daemon; closed with the test. */
+export async function connect(t: Test, d: Daemon, volume: string): Promise<NbdDriver> {
+  const drv = new NbdDriver(t);
+  const r = await drv.request({ op: 'connect', uri: d.uri(volume) });
+  if (!r.ok) throw new Error(`connect ${volume}: ${r.error}`);
+  return drv;
+}
 
 export interface FaultDaemon extends Daemon {
   admin: string;

@@ -10,11 +10,10 @@
  *   is op_timeout + 5 s), and succeed again after SIGCONT; a write that
  *   timed out never overwrites a newer one.
  */
-import t, { type Test } from 'tap';
+import t from 'tap';
 import { startCeph } from '../helpers/ceph.js';
 import { NbdDriver, type DriverReply } from '../helpers/crash-model.js';
-import { createVolume, errnoName, FailureModel, startFaultDaemon } from '../helpers/faults.js';
-import type { Daemon } from '../helpers/daemon.js';
+import { connect, createVolume, errnoName, FailureModel, pattern, startFaultDaemon } from '../helpers/faults.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -22,18 +21,6 @@ const BLOCK = 4 * KiB;
 
 const ceph = await startCeph(t, { exclusive: true });
 
-function pattern(seed: number, length: number): Buffer {
-  const b = Buffer.alloc(length);
-  for (let i = 0; i < length; i++) b[i] = (i * 31 + seed * 97 + (i >>> 9)) & 0xff || 1;
-  return b;
-}
-
-async function connect(t: Test, d: Daemon, volume: string): Promise<NbdDriver> {
-  const drv = new NbdDriver(t);
-  const r = await drv.request({ op: 'connect', uri: d.uri(volume) });
-  if (!r.ok) throw new Error(`connect ${volume}: ${r.error}`);
-  return drv;
-}
 
 const write = (drv: NbdDriver, off: number, data: Buffer) => drv.request({ op: 'write', off, data: data.toString('base64'), fua: false });
 const read = async (drv: NbdDriver, off: number, len: number): Promise<Buffer | DriverReply> => {

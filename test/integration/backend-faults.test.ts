@@ -18,9 +18,9 @@
  *   every map loads after a restart and reads match the acknowledged writes.
  */
 import t, { type Test } from 'tap';
-import { cli, tempFileStore, type Daemon } from '../helpers/daemon.js';
+import { cli, tempFileStore } from '../helpers/daemon.js';
 import { NbdDriver, type DriverReply } from '../helpers/crash-model.js';
-import { createVolume, errnoName, FailureModel, startFaultDaemon } from '../helpers/faults.js';
+import { connect, createVolume, errnoName, FailureModel, pattern, startFaultDaemon } from '../helpers/faults.js';
 import { diag, run } from '../helpers/run.js';
 import { mulberry32 } from '../../src/common/prng.js';
 
@@ -29,18 +29,6 @@ const MiB = 1024 * KiB;
 const OBJ = 64 * KiB;
 const TIMEOUT_S = 1.5;
 
-function pattern(seed: number, length: number): Buffer {
-  const b = Buffer.alloc(length);
-  for (let i = 0; i < length; i++) b[i] = (i * 31 + seed * 97 + (i >>> 9)) & 0xff || 1;
-  return b;
-}
-
-async function connect(t: Test, d: Daemon, volume: string): Promise<NbdDriver> {
-  const drv = new NbdDriver(t);
-  const r = await drv.request({ op: 'connect', uri: d.uri(volume) });
-  if (!r.ok) throw new Error(`connect ${volume}: ${r.error}`);
-  return drv;
-}
 
 const write = (drv: NbdDriver, off: number, data: Buffer, fua = false) =>
   drv.request({ op: 'write', off, data: data.toString('base64'), fua });
