@@ -36,17 +36,8 @@ export interface Workload {
   metric: 'iops' | 'bw' | 'lat_mean' | 'lat_p99';
 }
 
-/** Finds a free TCP port on 127.0.0.1. */
-export async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = net.createServer();
-    s.listen(0, '127.0.0.1', () => {
-      const { port } = s.address() as net.AddressInfo;
-      s.close(() => resolve(port));
-    });
-    s.on('error', reject);
-  });
-}
+/** Finds a free TCP port on 127.0.0.1 (shared with the tests). */
+export { freePort } from '../test/helpers/run.js';
 
 /** Waits until something accepts TCP connections on the port. */
 export async function waitForPort(port: number, timeoutMs = 10_000): Promise<void> {

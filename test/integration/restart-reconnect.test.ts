@@ -8,24 +8,12 @@
  * (How to configure QEMU and nbd-client for this: docs/reliability.md.)
  */
 import t from 'tap';
-import net from 'node:net';
 import { spawn } from 'node:child_process';
 import { cli, startDaemon } from '../helpers/daemon.js';
 import { tempStore } from '../helpers/stores.js';
-import { killChild } from '../helpers/run.js';
+import { freePort, killChild } from '../helpers/run.js';
 
 const KiB = 1024;
-
-async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = net.createServer();
-    s.listen(0, '127.0.0.1', () => {
-      const { port } = s.address() as net.AddressInfo;
-      s.close(() => resolve(port));
-    });
-    s.on('error', reject);
-  });
-}
 
 /** Runs qemu-io; resolves with its output once it printed `marker` (then keeps running) and its exit. */
 function qemuIo(args: string[], marker: string) {
