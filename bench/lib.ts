@@ -36,6 +36,17 @@ export interface Workload {
   metric: 'iops' | 'bw' | 'lat_mean' | 'lat_p99';
 }
 
+/** The volume benchmarks' fio jobs over a disk of `size` (fio size syntax): 4k random QD32, 1M sequential QD8. */
+export function volumeWorkloads(size: string): Workload[] {
+  const common = [`--size=${size}`];
+  return [
+    { name: '4k randread QD32', args: [...common, '--rw=randread', '--bs=4k', '--iodepth=32'], metric: 'iops' },
+    { name: '4k randwrite QD32', args: [...common, '--rw=randwrite', '--bs=4k', '--iodepth=32'], metric: 'iops' },
+    { name: '1M seqread QD8', args: [...common, '--rw=read', '--bs=1m', '--iodepth=8'], metric: 'bw' },
+    { name: '1M seqwrite QD8', args: [...common, '--rw=write', '--bs=1m', '--iodepth=8'], metric: 'bw' },
+  ];
+}
+
 /** Finds a free TCP port on 127.0.0.1 (shared with the tests). */
 export { freePort } from '../test/helpers/run.js';
 

@@ -11,7 +11,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
-import { compare, freePort, prefill, spawnServer, versionOf, waitForPort, type Target, type Workload, argValue, cliPath as cli } from './lib.js';
+import { compare, freePort, prefill, spawnServer, versionOf, waitForPort, type Target, volumeWorkloads, argValue, cliPath as cli } from './lib.js';
 
 const execFileP = promisify(execFile);
 const rounds = Number(argValue('rounds', '3'));
@@ -62,13 +62,7 @@ const targets: Target[] = [
   },
 ];
 
-const common = [`--size=${SIZE}`];
-const workloads: Workload[] = [
-  { name: '4k randread QD32', args: [...common, '--rw=randread', '--bs=4k', '--iodepth=32'], metric: 'iops' },
-  { name: '4k randwrite QD32', args: [...common, '--rw=randwrite', '--bs=4k', '--iodepth=32'], metric: 'iops' },
-  { name: '1M seqread QD8', args: [...common, '--rw=read', '--bs=1m', '--iodepth=8'], metric: 'bw' },
-  { name: '1M seqwrite QD8', args: [...common, '--rw=write', '--bs=1m', '--iodepth=8'], metric: 'bw' },
-];
+const workloads = volumeWorkloads(SIZE);
 
 try {
   const table = await compare('archipelago', targets, workloads, rounds, runtime);

@@ -19,7 +19,7 @@ import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
 import {
   argValue, cliPath as cli, compare, freePort, prefill, root, spawnServer, versionOf, waitForPort,
-  type Target, type Workload,
+  type Target, volumeWorkloads,
 } from './lib.js';
 
 const execFileP = promisify(execFile);
@@ -67,13 +67,7 @@ const targets: Target[] = [
   },
 ];
 
-const common = [`--size=${SIZE}`];
-const workloads: Workload[] = [
-  { name: '4k randread QD32', args: [...common, '--rw=randread', '--bs=4k', '--iodepth=32'], metric: 'iops' },
-  { name: '4k randwrite QD32', args: [...common, '--rw=randwrite', '--bs=4k', '--iodepth=32'], metric: 'iops' },
-  { name: '1M seqread QD8', args: [...common, '--rw=read', '--bs=1m', '--iodepth=8'], metric: 'bw' },
-  { name: '1M seqwrite QD8', args: [...common, '--rw=write', '--bs=1m', '--iodepth=8'], metric: 'bw' },
-];
+const workloads = volumeWorkloads(SIZE);
 
 const cephEnv = {
   ...process.env,
