@@ -47,8 +47,27 @@ export function volumeWorkloads(size: string): Workload[] {
   ];
 }
 
+/**
+ * Our daemon as a benchmark target: a volume `disk` of `size` created in
+ * `store`, served on a free port (metrics off) and prefilled.
+ */
+export function archipelagoTarget(store: string, size: string): Target {
+  return {
+    name: 'archipelago',
+    async start() {
+      await execFileP(process.execPath, [cliPath, 'create', 'disk', '--size', size, '--store', store]);
+      const port = await freePort();
+      const s = spawnServer(process.execPath, [cliPath, 'serve', '--store', store, '--listen', `127.0.0.1:${port}`, '--log-level', 'warn', '--metrics', '']);
+      await waitForPort(port);
+      await prefill(`nbd://127.0.0.1:${port}/disk`, size);
+      return { uri: `nbd://127.0.0.1:${port}/disk`, stop: s.stop };
+    },
+  };
+}
+
 /** Finds a free TCP port on 127.0.0.1 (shared with the tests). */
-export { freePort } from '../test/helpers/run.js';
+import { freePort } from '../test/helpers/run.js';
+export { freePort };
 
 /** Waits until something accepts TCP connections on the port. */
 export async function waitForPort(port: number, timeoutMs = 10_000): Promise<void> {

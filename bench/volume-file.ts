@@ -11,7 +11,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
-import { compare, freePort, prefill, spawnServer, versionOf, waitForPort, type Target, volumeWorkloads, argValue, cliPath as cli } from './lib.js';
+import { compare, freePort, prefill, spawnServer, versionOf, waitForPort, type Target, volumeWorkloads, argValue, archipelagoTarget } from './lib.js';
 
 const execFileP = promisify(execFile);
 const rounds = Number(argValue('rounds', '3'));
@@ -26,18 +26,7 @@ async function rawFile(name: string): Promise<string> {
 }
 
 const targets: Target[] = [
-  {
-    name: 'archipelago',
-    async start() {
-      const store = `file:${path.join(work, 'store')}`;
-      await execFileP(process.execPath, [cli, 'create', 'disk', '--size', SIZE, '--store', store]);
-      const port = await freePort();
-      const s = spawnServer(process.execPath, [cli, 'serve', '--store', store, '--listen', `127.0.0.1:${port}`, '--log-level', 'warn', '--metrics', '']);
-      await waitForPort(port);
-      await prefill(`nbd://127.0.0.1:${port}/disk`, SIZE);
-      return { uri: `nbd://127.0.0.1:${port}/disk`, stop: s.stop };
-    },
-  },
+  archipelagoTarget(`file:${path.join(work, 'store')}`, SIZE),
   {
     name: 'qemu-nbd',
     async start() {

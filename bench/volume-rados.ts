@@ -18,7 +18,7 @@ import path from 'node:path';
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
 import {
-  argValue, cliPath as cli, compare, freePort, prefill, root, spawnServer, versionOf, waitForPort,
+  argValue, archipelagoTarget, compare, freePort, prefill, root, spawnServer, versionOf, waitForPort,
   type Target, volumeWorkloads,
 } from './lib.js';
 
@@ -42,18 +42,7 @@ function parseSizeGiB(s: string): number {
 }
 
 const targets: Target[] = [
-  {
-    name: 'archipelago',
-    async start() {
-      const store = `rados:archipelago?maps=archipelago-maps&conf=${conf}`;
-      await execFileP(process.execPath, [cli, 'create', 'disk', '--size', SIZE, '--store', store]);
-      const port = await freePort();
-      const s = spawnServer(process.execPath, [cli, 'serve', '--store', store, '--listen', `127.0.0.1:${port}`, '--log-level', 'warn', '--metrics', '']);
-      await waitForPort(port);
-      await prefill(`nbd://127.0.0.1:${port}/disk`, SIZE);
-      return { uri: `nbd://127.0.0.1:${port}/disk`, stop: s.stop };
-    },
-  },
+  archipelagoTarget(`rados:archipelago?maps=archipelago-maps&conf=${conf}`, SIZE),
   {
     name: 'qemu-nbd+librbd',
     async start() {
