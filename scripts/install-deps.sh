@@ -13,6 +13,8 @@ pkgs=(
   systemd
   # Metrics: a real Prometheus scrapes the daemon; promtool checks the format.
   prometheus
+  # NBD TLS tests: certtool and psktool make certificates and pre-shared keys.
+  gnutls-bin
 )
 
 missing=()

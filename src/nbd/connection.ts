@@ -15,6 +15,7 @@ import { NbdProtocolError, describeError } from './errors.js';
 import type { ExportProvider } from './export.js';
 import { negotiate, type HandshakeIO, type HandshakeLimits, type Negotiated } from './handshake.js';
 import { Transmission, type RequestObserver, type TransmissionLimits } from './transmission.js';
+import { NbdTlsError, type NbdTls, type TlsPeer } from './tls.js';
 import type { Logger } from '../common/log.js';
 
 export const enum Status { Dead = 0, ClientDone = 1, ShuttingDown = 2, Handshake = 3, Active = 4 }
@@ -22,10 +23,11 @@ export const enum Status { Dead = 0, ClientDone = 1, ShuttingDown = 2, Handshake
 /**
  * Why a handshake ended without an export (NBD_OPT_ABORT is not a failure):
  * no export within the deadline, the peer closed, it broke the protocol
- * (bad magic, unknown EXPORT_NAME, too many options, ...), or something else
+ * (bad magic, unknown EXPORT_NAME, too many options, ...), the TLS handshake
+ * after STARTTLS failed (bad certificate, unknown PSK), or something else
  * failed (the provider threw).
  */
-export type HandshakeFailure = 'timeout' | 'peer_closed' | 'protocol' | 'error';
+export type HandshakeFailure = 'timeout' | 'peer_closed' | 'protocol' | 'tls' | 'error';
 
 /**
  * Hooks for metrics (src/daemon/metrics.ts implements them): plain
@@ -61,6 +63,8 @@ export interface ConnectionOptions {
   hooks?: NbdHooks | null;
   /** Told once when the handshake ends, with the export name or null. */
   onNegotiated?: (exportName: string | null) => void;
+  /** STARTTLS support (src/nbd/tls.ts); null or absent: none. */
+  tls?: NbdTls | null;
 }
 
 /** How long a peer has to close its side after we closed ours. */
@@ -72,6 +76,8 @@ const HANDSHAKE_READAHEAD = 256 * 1024;
 export class Connection implements HandshakeIO {
   status = Status.Handshake;
   exportName: string | null = null;
+  /** Who the client proved to be in its TLS handshake; null while plaintext. */
+  tlsPeer: TlsPeer | null = null;
   /** Why the connection ended, for the "connection closed" log line (the first cause wins). */
   endReason: string | null = null;
   private chunks: Buffer[] = [];
@@ -88,7 +94,8 @@ export class Connection implements HandshakeIO {
   /** hooks.exportOpened was called: exportClosed is owed. */
   private exportHooked = false;
 
-  constructor(private readonly socket: Socket, private readonly opts: ConnectionOptions) {
+  /** The client's socket; replaced by its TLS session after STARTTLS (startTls). */
+  constructor(private socket: Socket, private readonly opts: ConnectionOptions) {
     this.log = opts.log;
     this.timer = setTimeout(() => this.handshakeTimeout(), opts.handshakeTimeoutMs);
     this.timer.unref();
@@ -122,6 +129,35 @@ export class Connection implements HandshakeIO {
 
   write(data: Buffer): void {
     if (!this.socket.destroyed) this.socket.write(data);
+  }
+
+  /**
+   * After the STARTTLS ACK: opts.tls.upgrade takes the plaintext socket and
+   * everything from here on is read and written through TLS. The plaintext
+   * socket keeps its 'close' and 'error' listeners: it closes with the TLS
+   * session, so the end of the connection is seen the same way.
+   */
+  async startTls(): Promise<TlsPeer> {
+    const tls = this.opts.tls;
+    if (!tls) throw new NbdTlsError('handshake: TLS is not configured');
+    // The client waits for the ACK before starting TLS; bytes already here came too early.
+    if (this.buffered) throw new NbdTlsError('handshake: data after NBD_OPT_STARTTLS, before the TLS handshake');
+    const raw = this.socket;
+    raw.removeAllListeners('data');
+    raw.removeAllListeners('drain');
+    let up;
+    try {
+      up = await tls.upgrade(raw);
+    } catch (err) {
+      throw err instanceof NbdTlsError ? err : new NbdTlsError(`TLS handshake failed: ${describeError(err)}`);
+    }
+    const socket = up.socket;
+    this.tlsPeer = up.peer;
+    this.socket = socket;
+    socket.on('data', (chunk: Buffer) => this.onData(chunk));
+    socket.on('error', (err) => this.log.debug(`connection: TLS: ${err.message}`, { code: (err as NodeJS.ErrnoException).code }));
+    socket.on('drain', () => this.transmission?.checkPressure());
+    return up.peer;
   }
 
   private take(n: number): Buffer {
@@ -174,14 +210,16 @@ export class Connection implements HandshakeIO {
         limits: this.opts.handshake,
         log: this.log,
         shuttingDown: this.opts.shuttingDown,
+        tls: this.opts.tls ?? null,
       });
     } catch (err) {
       clearTimeout(this.timer);
-      const reason: HandshakeFailure = this.timedOut ? 'timeout' : this.status === Status.Dead ? 'peer_closed'
-        : err instanceof NbdProtocolError ? 'protocol' : 'error';
+      // A failed TLS handshake often ends with the peer gone already: still a TLS failure.
+      const reason: HandshakeFailure = this.timedOut ? 'timeout' : err instanceof NbdTlsError ? 'tls'
+        : this.status === Status.Dead ? 'peer_closed' : err instanceof NbdProtocolError ? 'protocol' : 'error';
       this.opts.hooks?.handshakeFailed?.(reason);
       this.endReason ??= `handshake failed: ${describeError(err)}`;
-      if (this.status !== Status.Dead) {
+      if (this.status !== Status.Dead || reason === 'tls') {
         this.log.warn(`handshake failed: ${describeError(err)}`, { reason });
         this.socket.destroy();
       } else if (!this.timedOut) {

@@ -10,6 +10,18 @@
  * - the export is opened only at GO/EXPORT_NAME (and briefly for INFO), so an
  *   idle or hostile client costs nothing behind the server;
  * - option data is bounded; larger options are drained and answered TOO_BIG.
+ *
+ * TLS (doc/proto.md "TLS support"; modes in tls.ts): STARTTLS is ACKed, the
+ * connection upgrades the socket (HandshakeIO.startTls) and negotiation goes
+ * on over TLS from a clean slate (no structured replies, no meta context:
+ * the spec forbids keeping state from before). Before TLS a TLS-required
+ * server answers every option but STARTTLS and ABORT with ERR_TLS_REQD. The
+ * client's identity (plaintext, or its TLS peer) decides which exports it
+ * may see and open: LIST omits the others, INFO/GO refuse them with
+ * ERR_TLS_REQD before TLS (the export may open after an upgrade) and
+ * ERR_POLICY after, EXPORT_NAME ends the connection. Access is checked
+ * before an export is looked up, so a refused client cannot tell an
+ * existing export from a missing one.
  */
 import {
   BASE_ALLOCATION, MAX_STRING_LENGTH, NBD_FLAG_CAN_MULTI_CONN, NBD_FLAG_C_FIXED_NEWSTYLE,
@@ -20,6 +32,7 @@ import {
 } from './constants.js';
 import { NbdProtocolError, describeError } from './errors.js';
 import type { Export, ExportProvider } from './export.js';
+import { describePeer, type NbdTls, type TlsPeer } from './tls.js';
 import {
   decodeString, encodeExportNameReply, encodeGreeting, encodeInfoBlockSize, encodeInfoExport,
   encodeInfoString, encodeOptionError, encodeOptionReply, encodeRepMetaContext, encodeRepServer,
@@ -37,6 +50,12 @@ export interface HandshakeIO {
   /** Reads and discards `n` bytes. */
   skip(n: number): Promise<void>;
   write(data: Buffer): void;
+  /**
+   * After STARTTLS was ACKed: upgrades the connection to TLS (later reads and
+   * writes go through it) and resolves with the client's identity; rejects
+   * with NbdTlsError when the TLS handshake fails. Absent: TLS unsupported.
+   */
+  startTls?(): Promise<TlsPeer>;
 }
 
 export interface HandshakeLimits {
@@ -70,6 +89,10 @@ interface State {
   metaExport: string | null;
   baseAllocation: boolean;
   optionsLeft: number;
+  /** TLS is up (STARTTLS succeeded). */
+  tls: boolean;
+  /** The client's TLS identity; null while plaintext. */
+  peer: TlsPeer | null;
 }
 
 export interface HandshakeContext {
@@ -79,6 +102,8 @@ export interface HandshakeContext {
   log: Logger;
   /** True while the server shuts down: options get ERR_SHUTDOWN. */
   shuttingDown(): boolean;
+  /** TLS mode and access policy; null or absent: no TLS (STARTTLS gets ERR_POLICY). */
+  tls?: NbdTls | null;
 }
 
 /**
@@ -99,6 +124,8 @@ export async function negotiate(ctx: HandshakeContext): Promise<Negotiated | nul
     metaExport: null,
     baseAllocation: false,
     optionsLeft: ctx.limits.maxOptions,
+    tls: false,
+    peer: null,
   };
   const fixed = (clientFlags & NBD_FLAG_C_FIXED_NEWSTYLE) !== 0;
 
@@ -127,6 +154,12 @@ export async function negotiate(ctx: HandshakeContext): Promise<Negotiated | nul
       io.write(encodeOptionError(opt, NBD_REP.ERR_SHUTDOWN, 'server is shutting down'));
       continue;
     }
+    if (ctx.tls?.mode === 'required' && !st.tls && opt !== NBD_OPT.STARTTLS && opt !== NBD_OPT.ABORT) {
+      // FORCEDTLS: EXPORT_NAME has no error reply, so it can only end the connection.
+      if (opt === NBD_OPT.EXPORT_NAME) throw new NbdProtocolError('handshake: NBD_OPT_EXPORT_NAME before STARTTLS on a server that requires TLS');
+      io.write(encodeOptionError(opt, NBD_REP.ERR_TLS_REQD, `${nameOfOpt(opt)}: this server requires TLS: send NBD_OPT_STARTTLS first`));
+      continue;
+    }
 
     switch (opt) {
       case NBD_OPT.EXPORT_NAME:
@@ -138,9 +171,7 @@ export async function negotiate(ctx: HandshakeContext): Promise<Negotiated | nul
         await optList(ctx, st, data);
         break;
       case NBD_OPT.STARTTLS:
-        io.write(data.length
-          ? encodeOptionError(opt, NBD_REP.ERR_INVALID, 'STARTTLS: option carries no data')
-          : encodeOptionError(opt, NBD_REP.ERR_POLICY, 'STARTTLS: TLS is not configured on this server'));
+        await optStartTls(ctx, st, data);
         break;
       case NBD_OPT.INFO:
       case NBD_OPT.GO: {
@@ -187,10 +218,35 @@ export function transmissionFlagsFor(exp: Export, structuredReplies: boolean): n
   return f;
 }
 
-/** Opens an export by client-supplied name ('' = default); null when unknown. */
-async function openExport(ctx: HandshakeContext, name: string): Promise<Export | null> {
+/** The export a client-supplied name selects ('' = the default), or null for none. */
+function resolveName(ctx: HandshakeContext, name: string): string | null {
   const resolved = name === '' ? ctx.provider.defaultExport : name;
-  if (resolved === undefined || resolved === '') return null;
+  return resolved === undefined || resolved === null || resolved === '' ? null : resolved;
+}
+
+/** May this client (its TLS identity, or plaintext) open export `resolved`? */
+function mayOpen(ctx: HandshakeContext, st: State, resolved: string): boolean {
+  const authorize = ctx.tls?.authorize;
+  return authorize === undefined || authorize(st.peer, resolved);
+}
+
+/**
+ * Refuses INFO/GO on an export this client may not open: before TLS the
+ * export counts as TLS-only (ERR_TLS_REQD; SELECTIVETLS), after it the
+ * answer is ERR_POLICY.
+ */
+function refuseExport(ctx: HandshakeContext, st: State, opt: number, resolved: string): void {
+  const what = nameOfOpt(opt);
+  const identity = describePeer(st.peer);
+  ctx.log.info(`handshake: ${what}: export ${JSON.stringify(resolved)} refused to ${identity}`, { export: resolved, identity });
+  ctx.io.write(st.tls
+    ? encodeOptionError(opt, NBD_REP.ERR_POLICY, `${what}: export ${JSON.stringify(resolved)} is not open to ${identity}`)
+    : encodeOptionError(opt, NBD_REP.ERR_TLS_REQD, `${what}: export ${JSON.stringify(resolved)} requires TLS: send NBD_OPT_STARTTLS first`));
+}
+
+/** Opens an export by its resolved name; null when unknown. */
+async function openExport(ctx: HandshakeContext, resolved: string | null): Promise<Export | null> {
+  if (resolved === null) return null;
   try {
     return await ctx.provider.open(resolved);
   } catch (err) {
@@ -203,7 +259,11 @@ async function openExport(ctx: HandshakeContext, name: string): Promise<Export |
 async function optExportName(ctx: HandshakeContext, st: State, data: Buffer): Promise<Negotiated> {
   const name = decodeString(data);
   if (name === null) throw new NbdProtocolError('handshake: NBD_OPT_EXPORT_NAME: invalid export name');
-  const exp = await openExport(ctx, name);
+  const resolved = resolveName(ctx, name);
+  if (resolved !== null && !mayOpen(ctx, st, resolved)) {
+    throw new NbdProtocolError(`handshake: NBD_OPT_EXPORT_NAME: export ${JSON.stringify(resolved)} is not open to ${describePeer(st.peer)}`);
+  }
+  const exp = await openExport(ctx, resolved);
   if (!exp) throw new NbdProtocolError(`handshake: NBD_OPT_EXPORT_NAME: unknown export ${JSON.stringify(name)}`);
   // Meta contexts negotiated for another export do not apply (spec: NBD_OPT_SET_META_CONTEXT).
   const baseAllocation = st.baseAllocation && st.metaExport === name;
@@ -212,7 +272,38 @@ async function optExportName(ctx: HandshakeContext, st: State, data: Buffer): Pr
   return { export: exp, transmissionFlags: flags, structuredReplies: st.structuredReplies, baseAllocation };
 }
 
-/** NBD_OPT_LIST: one NBD_REP_SERVER per export, then ACK. */
+/**
+ * NBD_OPT_STARTTLS: ACK, then the TLS handshake; negotiation goes on over
+ * TLS with nothing kept from before (spec). Refused with ERR_POLICY when
+ * TLS is not configured, ERR_INVALID when it is already up. A failed TLS
+ * handshake rejects (NbdTlsError): past the ACK there is no plaintext to
+ * return to, so the connection ends.
+ */
+async function optStartTls(ctx: HandshakeContext, st: State, data: Buffer): Promise<void> {
+  const opt = NBD_OPT.STARTTLS;
+  const { io } = ctx;
+  if (data.length) {
+    io.write(encodeOptionError(opt, NBD_REP.ERR_INVALID, 'STARTTLS: option carries no data'));
+    return;
+  }
+  if (!ctx.tls || !io.startTls) {
+    io.write(encodeOptionError(opt, NBD_REP.ERR_POLICY, 'STARTTLS: TLS is not configured on this server'));
+    return;
+  }
+  if (st.tls) {
+    io.write(encodeOptionError(opt, NBD_REP.ERR_INVALID, 'STARTTLS: TLS is already active'));
+    return;
+  }
+  io.write(encodeOptionReply(opt, NBD_REP.ACK));
+  st.peer = await io.startTls();
+  st.tls = true;
+  st.structuredReplies = false;
+  st.metaExport = null;
+  st.baseAllocation = false;
+  ctx.log.debug('handshake: TLS established', { identity: describePeer(st.peer), ...(st.peer.session ? { session: st.peer.session } : {}) });
+}
+
+/** NBD_OPT_LIST: one NBD_REP_SERVER per export this client may open, then ACK. */
 async function optList(ctx: HandshakeContext, st: State, data: Buffer): Promise<void> {
   const opt = NBD_OPT.LIST;
   if (data.length) {
@@ -227,6 +318,8 @@ async function optList(ctx: HandshakeContext, st: State, data: Buffer): Promise<
     ctx.io.write(encodeOptionError(opt, NBD_REP.ERR_SHUTDOWN, 'LIST: exports cannot be listed now'));
     return;
   }
+  // Only what this client may open (SELECTIVETLS: TLS-only exports are omitted before TLS).
+  exports = exports.filter((e) => mayOpen(ctx, st, e.name));
   for (const e of exports) ctx.io.write(encodeOptionReply(opt, NBD_REP.SERVER, encodeRepServer(e.name, e.description)));
   ctx.io.write(encodeOptionReply(opt, NBD_REP.ACK));
   // A client that lists may then ask INFO for each export (nbdinfo --list).
@@ -242,7 +335,12 @@ async function optInfoGo(ctx: HandshakeContext, st: State, opt: number, data: Bu
     io.write(encodeOptionError(opt, NBD_REP.ERR_INVALID, `${what}: ${req}`));
     return null;
   }
-  const exp = await openExport(ctx, req.name);
+  const resolved = resolveName(ctx, req.name);
+  if (resolved !== null && !mayOpen(ctx, st, resolved)) {
+    refuseExport(ctx, st, opt, resolved);
+    return null;
+  }
+  const exp = await openExport(ctx, resolved);
   if (!exp) {
     // Not a failure (the client may go on, or was probing for a volume about
     // to appear), but what an operator needs to see of a failed attach.
@@ -289,7 +387,13 @@ async function optMetaContext(ctx: HandshakeContext, st: State, opt: number, dat
       return;
     }
   }
-  const exp = await openExport(ctx, req.name);
+  const resolved = resolveName(ctx, req.name);
+  if (resolved !== null && !mayOpen(ctx, st, resolved)) {
+    // Not ERR_TLS_REQD: the spec allows that only for INFO, GO and EXPORT_NAME.
+    io.write(encodeOptionError(opt, NBD_REP.ERR_POLICY, `${what}: export ${JSON.stringify(resolved)} is not open to ${describePeer(st.peer)}`));
+    return;
+  }
+  const exp = await openExport(ctx, resolved);
   if (!exp) {
     io.write(encodeOptionError(opt, NBD_REP.ERR_UNKNOWN, `${what}: unknown export ${JSON.stringify(req.name)}`));
     return;

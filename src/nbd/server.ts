@@ -1,7 +1,8 @@
 /**
  * The NBD server: listeners (TCP and Unix sockets), the set of connections,
  * the connection cap, and graceful shutdown. Serves whatever the
- * ExportProvider hands it; knows nothing of volumes.
+ * ExportProvider hands it; knows nothing of volumes. TLS (STARTTLS) is
+ * handed in ready-made (tls.ts; the daemon's src/daemon/tls.ts).
  */
 import net from 'node:net';
 import fs from 'node:fs/promises';
@@ -9,6 +10,7 @@ import { Connection, type NbdHooks } from './connection.js';
 import type { ExportProvider } from './export.js';
 import { DEFAULT_HANDSHAKE_LIMITS, type HandshakeLimits } from './handshake.js';
 import { DEFAULT_TRANSMISSION_LIMITS, type RequestObserver, type TransmissionLimits } from './transmission.js';
+import { describePeer, type NbdTls } from './tls.js';
 import { silentLogger, type Logger } from '../common/log.js';
 
 export interface NbdServerOptions {
@@ -24,10 +26,13 @@ export interface NbdServerOptions {
   observer?: RequestObserver;
   /** Connection events and per-export request observers (metrics: src/daemon/metrics.ts). */
   hooks?: NbdHooks;
+  /** STARTTLS: mode, the socket upgrade and the access check (tls.ts). Absent: no TLS (NOTLS). */
+  tls?: NbdTls;
 }
 
 export type { HandshakeFailure, NbdHooks } from './connection.js';
 export type { RequestObserver } from './transmission.js';
+export type { NbdTls, TlsMode, TlsPeer, TlsUpgrade } from './tls.js';
 
 export type ListenAddress = { host: string; port: number } | { path: string };
 
@@ -112,8 +117,12 @@ export class NbdServer {
       shuttingDown: () => this.stopping,
       observer: this.options.observer ?? null,
       hooks: this.options.hooks ?? null,
+      tls: this.options.tls ?? null,
       onNegotiated: (name) => {
-        if (name !== null) log.info(`connection opened: export ${JSON.stringify(name)}`, { export: name, handshakeMs: Date.now() - accepted });
+        if (name === null) return;
+        // With TLS configured, every line says who the client is (plaintext too: tls = on).
+        const tls = this.options.tls ? { identity: describePeer(conn.tlsPeer) } : {};
+        log.info(`connection opened: export ${JSON.stringify(name)}`, { export: name, handshakeMs: Date.now() - accepted, ...tls });
       },
     });
     this.connections.add(conn);

@@ -76,6 +76,11 @@ export class RawClient {
     });
   }
 
+  /** A client over a socket already connected: the TLS session after STARTTLS (test/helpers/nbd-tls.ts). */
+  static over(socket: net.Socket): RawClient {
+    return new RawClient(socket);
+  }
+
   private wake(): void {
     const n = this.notify;
     this.notify = null;
