@@ -37,11 +37,15 @@ export ARCHIPELAGO_TEST_CEPH=$ceph_dir
 npx tap
 
 # The volume tests again, on RADOS: daemon, CLI, real clients, snapshots and
-# clones, images, the crash model and the crash loop.
+# clones, images, the crash model and the crash loop, lock hand-overs and
+# fencing between daemons, QEMU live migration.
 ARCHIPELAGO_TEST_BACKEND=rados npx tap \
   build/test/integration/volume-cli.test.js \
   build/test/integration/volume-clients.test.js \
   build/test/integration/volume-crash.test.js \
   build/test/integration/crash-loop.test.js \
   build/test/integration/snapshot-clone.test.js \
-  build/test/integration/image.test.js
+  build/test/integration/image.test.js \
+  build/test/integration/volume-handover.test.js \
+  build/test/integration/volume-fencing.test.js \
+  build/test/integration/live-migration.test.js

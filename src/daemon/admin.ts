@@ -5,8 +5,15 @@
  *
  *   {"op":"snapshot","volume":V,"name":S}
  *       → {"ok":true,"op":"snapshot","volume":V,"name":S,"volumeId":..,"originGeneration":..,"online":bool}
+ *   {"op":"lock"|"open","volume":V}
+ *       → {"ok":true,"op":..,"volume":V,"owner":OWNER}   takes V's lock now (asking its holder to
+ *          hand over) and keeps V open until unlock/close; "lock" refuses hand-over requests
+ *          meanwhile, "open" honours them (vlmc's open: the lock ahead of the first write)
+ *   {"op":"unlock"|"close","volume":V}
+ *       → {"ok":true,"op":..,"volume":V,"held":bool}    persists V's map, releases the lock, ends the pin
  *   {"op":"status"}
- *       → {"ok":true,"op":"status","volumes":[{"name":..,"connections":n,"readOnly":bool}],
+ *       → {"ok":true,"op":"status","volumes":[{"name":..,"connections":n,"mode":"owner"|"reader"|"read-only",
+ *          "lock":STATE,"pinned":"lock"|"open"|null}],
  *          "backend":{"timeoutMs":..,"timedOut":{op:n},"late":n,"fencedObjects":n,..,"faultInjection":bool}}
  *   {"op":"faults","action":"show"}                     (only under serve --fault-injection)
  *   {"op":"faults","action":"set","rules":[RULE,…]}     replaces every rule
@@ -20,12 +27,14 @@
  *   anything else, or a failure
  *       → {"ok":false,"code":"ARCH_E_…","message":"…"}
  *
- * A snapshot goes through the daemon's own open Volume (VolumeProvider.acquire:
+ * A snapshot goes through the daemon's own open volume (VolumeProvider.acquire:
  * the one its clients share, opened for the occasion if none has it), so a
- * client connecting meanwhile cannot write behind it:
+ * client connecting meanwhile cannot write behind it, and under the volume's
+ * lock (a hand-over when another daemon writes it):
  *
- *   acquire V ──▶ quiesce V (writes wait, in flight drain, flush) ──▶ open map for writing
- *      (if still read-only) ──▶ createSnapshot ──▶ let the writes in ──▶ release V
+ *   acquire V ──▶ lock (VolumeSession.exclusive) ──▶ quiesce V (writes wait, in flight drain,
+ *      flush) ──▶ open map for writing (if still read-only) ──▶ createSnapshot ──▶ let the
+ *      writes in ──▶ release V
  *
  * `online` says whether a client had V open. Snapshots are taken one at a
  * time (the store has no exclusive create to keep two same-named ones apart).
@@ -39,6 +48,7 @@ import { UsageError, VolumeNotFoundError } from '../mapper/errors.js';
 import type { Store } from './store.js';
 import type { GuardedStore } from './backend.js';
 import type { VolumeProvider } from './volume-export.js';
+import { VolumeSession } from './volume-session.js';
 import type { Logger } from '../common/log.js';
 
 export const MAX_LINE = 64 * 1024;
@@ -50,6 +60,8 @@ export class AdminServer {
   private readonly sockets = new Set<net.Socket>();
   /** Snapshots one at a time. */
   private serial: Promise<unknown> = Promise.resolve();
+  /** Volumes held open by lock/open, until unlock/close: their release and which op pinned them. */
+  private readonly pins = new Map<string, { kind: 'lock' | 'open'; release: () => Promise<void> }>();
   private path: string | null = null;
 
   constructor(
@@ -89,6 +101,11 @@ export class AdminServer {
     if (this.path) await fs.rm(this.path, { force: true });
     // Let a snapshot under way finish before the volumes are closed.
     await this.serial.catch(() => {});
+    // Pins end with the admin API (shutdown): a pinned volume then closes like
+    // any other, persisting its map and releasing its lock, once unused.
+    const pins = [...this.pins.values()];
+    this.pins.clear();
+    await Promise.allSettled(pins.map((p) => p.release()));
   }
 
   private accept(socket: net.Socket): void {
@@ -128,7 +145,7 @@ export class AdminServer {
       const r = req as Record<string, unknown>;
       switch (r.op) {
         case 'status':
-          return { ok: true, op: 'status', volumes: this.status(), ...(this.backend ? { backend: this.backend.status() } : {}) };
+          return { ok: true, op: 'status', volumes: await this.status(), ...(this.backend ? { backend: this.backend.status() } : {}) };
         case 'faults':
           return this.faults(r);
         case 'snapshot': {
@@ -140,8 +157,18 @@ export class AdminServer {
           this.serial = run;
           return { ok: true, op: 'snapshot', volume, name, ...(await run) };
         }
+        case 'lock':
+        case 'open':
+        case 'unlock':
+        case 'close': {
+          const volume = stringField(r, 'volume');
+          validateVolumeName(volume);
+          const op = r.op;
+          return { ok: true, op, volume, ...(op === 'lock' || op === 'open' ? await this.pin(volume, op) : await this.unpin(volume, op)) };
+        }
         default:
-          throw new UsageError(`unknown op ${JSON.stringify(r.op)} (expected "snapshot", "status" or "faults")`);
+          throw new UsageError(`unknown op ${JSON.stringify(r.op)} `
+            + '(expected "snapshot", "lock", "unlock", "open", "close", "status" or "faults")');
       }
     } catch (err) {
       const e = err as Error & { code?: unknown };
@@ -183,8 +210,56 @@ export class AdminServer {
     return { ok: true, op: 'faults', ...faults.stats(), backend: this.backend!.status(), ...extra };
   }
 
-  private status(): { name: string; connections: number }[] {
-    return this.provider.openVolumes();
+  private async status(): Promise<{ name: string; connections: number; mode: string; lock: string | null; pinned: string | null }[]> {
+    return Promise.all(this.provider.openVolumes().map(async (v) => {
+      const served = await this.provider.peek(v.name);
+      const session = served instanceof VolumeSession ? served : null;
+      return {
+        ...v,
+        mode: session ? session.mode : 'read-only',
+        lock: session ? session.lockState : null,
+        pinned: this.pins.get(v.name)?.kind ?? null,
+      };
+    }));
+  }
+
+  /** lock/open: take the volume's lock now and keep the volume open (file comment). */
+  private async pin(name: string, kind: 'lock' | 'open'): Promise<{ owner: unknown }> {
+    const held = await this.provider.acquire(name);
+    if (!held) throw new VolumeNotFoundError(name);
+    try {
+      if (!(held.volume instanceof VolumeSession)) {
+        throw new UsageError(`${kind} "${name}": it is read-only (a snapshot or an image): nothing to lock`);
+      }
+      await held.volume.takeLock(kind === 'lock');
+      const previous = this.pins.get(name);
+      this.pins.set(name, { kind, release: held.release });
+      // Pinned already: keep one hold (the new kind wins).
+      if (previous) await previous.release();
+      this.log.info(`volume ${name}: ${kind === 'lock' ? 'locked' : 'opened'} by the admin API`);
+      return { owner: await held.volume.owner() };
+    } catch (err) {
+      if (this.pins.get(name)?.release !== held.release) await held.release();
+      throw err;
+    }
+  }
+
+  /** unlock/close: persist, release the lock, end the pin (a volume not pinned: released if we hold it). */
+  private async unpin(name: string, kind: 'unlock' | 'close'): Promise<{ held: boolean }> {
+    const pin = this.pins.get(name);
+    this.pins.delete(name);
+    const served = await this.provider.peek(name);
+    let held = false;
+    try {
+      if (served instanceof VolumeSession) {
+        held = served.mode === 'owner';
+        await served.dropLock();
+      }
+    } finally {
+      await pin?.release();
+    }
+    this.log.info(`volume ${name}: ${kind === 'unlock' ? 'unlocked' : 'closed'} by the admin API`, { held });
+    return { held };
   }
 
   private async snapshot(volumeName: string, snapName: string): Promise<{ volumeId: string; originGeneration: number; online: boolean }> {
@@ -195,11 +270,10 @@ export class AdminServer {
     if (!held) throw new VolumeNotFoundError(volumeName);
     try {
       const { volume } = held;
-      if (volume.readOnly) throw new UsageError(`snapshot of "${volumeName}": it is read-only (a snapshot or an image); clone it instead`);
-      const r = await volume.quiesce(async () => {
-        if (!volume.map.writable) await volume.map.beginWrites();
-        return createSnapshot(this.store.maps, volume.map, snapName);
-      });
+      if (!(volume instanceof VolumeSession)) {
+        throw new UsageError(`snapshot of "${volumeName}": it is read-only (a snapshot or an image); clone it instead`);
+      }
+      const r = await volume.exclusive((v) => createSnapshot(this.store.maps, v.map, snapName));
       this.log.info(`snapshot ${snapName} of volume ${volumeName}`, { online, originGeneration: r.originGeneration });
       return { ...r, online };
     } finally {

@@ -34,6 +34,7 @@ import { DEFAULT_STORE, parseRadosUrl } from './store.js';
 import { parseListen } from './serve.js';
 import { DEFAULT_BACKEND_TIMEOUT_SEC, backendTimeoutSec } from './backend.js';
 import type { LogLevel } from '../common/log.js';
+import { TLS_MODES, type TlsSettings } from './tls.js';
 
 export const DEFAULT_CONFIG_PATH = '/etc/archipelago/archipelago.conf';
 
@@ -54,6 +55,16 @@ export interface Settings {
   listen: string | null;
   /** NBD over a Unix socket, or null for none. */
   socket: string | null;
+  /** NBD STARTTLS: off, on (clients may upgrade), require (they must); tls.ts. */
+  tls: TlsSettings['mode'];
+  /** X.509 credentials directory, or null. */
+  tlsCertificates: string | null;
+  /** X.509: require client certificates signed by ca-cert.pem. */
+  tlsVerifyPeer: boolean;
+  /** PSK keys file (psktool), or null. */
+  tlsPskFile: string | null;
+  /** Allow-list of client identities and export globs (tls-allow.ts), or null. */
+  tlsAllow: string | null;
   /** The admin API's Unix socket, or null for none. */
   adminSocket: string | null;
   /** Prometheus endpoint HOST:PORT, or null for none. */
@@ -64,10 +75,18 @@ export interface Settings {
   backendTimeout: number;
   /** Let the admin socket inject backend faults (tests and drills only). */
   faultInjection: boolean;
+  /** This node's name in volume locks (who holds what); '' for the host name. */
+  nodeName: string;
+  /** How long a write waits for a volume's lock, seconds. */
+  lockWait: number;
+  /** File store: the lock lease, seconds. */
+  lockLease: number;
 }
 
 export type SettingKey =
-  | 'store' | 'listen' | 'socket' | 'admin-socket' | 'metrics' | 'log-level' | 'max-connections' | 'backend-timeout' | 'fault-injection';
+  | 'tls' | 'tls-certificates' | 'tls-verify-peer' | 'tls-psk-file' | 'tls-allow'
+  | 'store' | 'listen' | 'socket' | 'admin-socket' | 'metrics' | 'log-level' | 'max-connections' | 'backend-timeout' | 'fault-injection'
+  | 'node-name' | 'lock-wait' | 'lock-lease';
 
 /** Where an effective value came from. */
 export type Source =
@@ -99,6 +118,11 @@ function hostPortOrNone(key: string) {
   };
 }
 
+function pathOrNone(raw: string): string | null {
+  if (raw.includes('\0')) throw new Error('a path cannot hold NUL');
+  return raw === '' ? null : raw;
+}
+
 function socketPathOrNone(raw: string): string | null {
   if (raw === '') return null;
   if (Buffer.byteLength(raw) > UNIX_PATH_MAX) throw new Error(`a Unix socket path is at most ${UNIX_PATH_MAX} bytes`);
@@ -118,6 +142,15 @@ function storeUrl(raw: string): string {
 }
 
 const orEmpty = (v: unknown): string => (v === null ? '' : String(v));
+
+/** Parses whole or decimal seconds in [min, max]. */
+function seconds(key: string, min: number, max: number): (raw: string) => number {
+  return (raw) => {
+    const n = /^\d+(\.\d+)?$/.test(raw) ? Number(raw) : NaN;
+    if (!(n >= min && n <= max)) throw new Error(`${key}: expected seconds from ${min} to ${max}`);
+    return n;
+  };
+}
 
 const TRUE = new Set(['true', 'yes', 'on', '1']);
 const FALSE = new Set(['false', 'no', 'off', '0']);
@@ -141,6 +174,30 @@ export const SETTINGS: readonly SettingSpec[] = [
   {
     key: 'socket', prop: 'socket', default: '', parse: socketPathOrNone, format: orEmpty,
     describe: 'NBD over this Unix socket too (mode 0660); empty: none',
+  },
+  {
+    key: 'tls', prop: 'tls', default: 'off', format: orEmpty,
+    parse: (raw) => {
+      if (!(TLS_MODES as readonly string[]).includes(raw)) throw new Error(`expected one of ${TLS_MODES.join(', ')}`);
+      return raw as Settings['tls'];
+    },
+    describe: 'NBD TLS (STARTTLS; docs/tls.md): off, on (clients may upgrade), or require (plaintext clients are refused)',
+  },
+  {
+    key: 'tls-certificates', prop: 'tlsCertificates', default: '', parse: pathOrNone, format: orEmpty,
+    describe: 'TLS with X.509 certificates: directory holding server-cert.pem, server-key.pem, ca-cert.pem and optionally ca-crl.pem (the layout of QEMU\'s tls-creds-x509 and nbdkit\'s --tls-certificates); empty: none',
+  },
+  {
+    key: 'tls-verify-peer', prop: 'tlsVerifyPeer', default: 'true', parse: yesNo, format: orEmpty,
+    describe: 'TLS with certificates: clients must present a certificate signed by ca-cert.pem (their identity for tls-allow)',
+  },
+  {
+    key: 'tls-psk-file', prop: 'tlsPskFile', default: '', parse: pathOrNone, format: orEmpty,
+    describe: 'TLS with pre-shared keys: IDENTITY:HEXKEY lines as psktool writes them; empty: none (one of tls-certificates, tls-psk-file)',
+  },
+  {
+    key: 'tls-allow', prop: 'tlsAllow', default: '', parse: pathOrNone, format: orEmpty,
+    describe: 'TLS allow-list file: which client identities may open which exports (docs/tls.md); empty: every client every export',
   },
   {
     key: 'admin-socket', prop: 'adminSocket', default: '', parse: socketPathOrNone, format: orEmpty,
@@ -174,6 +231,25 @@ export const SETTINGS: readonly SettingSpec[] = [
       return backendTimeoutSec(Number(raw));
     },
     describe: 'bound on one backend operation, in seconds (0: none); on RADOS also the default of the store URL\'s op_timeout',
+  },
+  {
+    key: 'node-name', prop: 'nodeName', default: '', format: orEmpty,
+    parse: (raw) => {
+      if (raw === '') return raw;
+      if (!/^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/.test(raw)) throw new Error('expected a host name: letters, digits, ".", "_", "-", at most 64');
+      return raw;
+    },
+    describe: 'this node\'s name in volume locks (archipelago info shows who holds a volume); empty: the host name',
+  },
+  {
+    key: 'lock-wait', prop: 'lockWait', default: '30', format: orEmpty,
+    parse: seconds('lock-wait', 1, 3600),
+    describe: 'how long a write waits for its volume\'s lock, seconds (a hand-over from another daemon, a dead holder\'s fencing); then the write fails (EIO)',
+  },
+  {
+    key: 'lock-lease', prop: 'lockLease', default: '10', format: orEmpty,
+    parse: seconds('lock-lease', 1, 600),
+    describe: 'file store: the volume lock lease, seconds; a holder that cannot renew it in time stops writing, and another node may take the lock after it plus a margin (docs/locks.md)',
   },
   {
     key: 'fault-injection', prop: 'faultInjection', default: 'false', parse: yesNo, format: orEmpty,

@@ -1,8 +1,13 @@
 /**
  * Serving volumes over NBD: the ExportProvider that opens volumes by name,
- * shares one open Volume between every connection to it (so FLUSH on one
+ * shares one open volume between every connection to it (so FLUSH on one
  * connection covers writes on all: CAN_MULTI_CONN), and closes it when the
  * last connection ends.
+ *
+ * A writable volume is served through a VolumeSession (volume-session.ts):
+ * under its distributed lock, taken on the first write and handed over when
+ * another daemon asks. Snapshots and images never change: a plain read-only
+ * Volume with its map cached serves them, without a lock.
  */
 import { Volume } from '../compose/volume.js';
 import type { Export, ExportCapabilities, ExportListing, ExportProvider } from '../nbd/export.js';
@@ -12,8 +17,13 @@ import { VolumeFlags } from '../mapper/header-format.js';
 import { assertComplete } from '../mapper/image-create.js';
 import { ExportError } from '../nbd/errors.js';
 import { isValidVolumeName } from '../mapper/names.js';
+import { VolumeSession } from './volume-session.js';
 import type { Store } from './store.js';
 import type { Logger } from '../common/log.js';
+import { defaultIdentity, type LockBackendOptions, type LockIdentity, type LockLostError, type LockStore } from '../locks/index.js';
+
+/** How long a write waits for a volume's lock by default (hand-over from another daemon included). */
+export const DEFAULT_LOCK_WAIT_MS = 30_000;
 
 const CAPABILITIES: ExportCapabilities = {
   flush: true, fua: true, trim: true, zero: true, fastZero: true, cache: true,
@@ -25,10 +35,27 @@ const BLOCK_SIZE = { minimum: 1, preferred: 4096, maximum: 32 * 1024 * 1024 };
 export interface VolumeHooks {
   opened?(name: string, volume: Volume): void;
   closed?(name: string, volume: Volume): void;
+  /** A session's lock was lost (metrics, and the daemon's reaction to being fenced). */
+  lost?(name: string, err: LockLostError): void;
+}
+
+/** What serves one open volume: a session (writable) or a plain read-only Volume. */
+export type ServedVolume = VolumeSession | Volume;
+
+/** How writable volumes are locked (volume-session.ts). */
+export interface LockSettings {
+  /** The unwrapped store the locks live on. */
+  store: LockStore;
+  identity: LockIdentity;
+  /** How long a write waits for the lock (hand-over included), ms. */
+  waitMs: number;
+  backend?: LockBackendOptions;
 }
 
 interface OpenVolume {
-  opening: Promise<Volume>;
+  opening: Promise<ServedVolume>;
+  /** Set once opening resolved. */
+  served?: ServedVolume;
   refs: number;
   /** Date.now() at open, for the "closed" log line. */
   since: number;
@@ -37,7 +64,21 @@ interface OpenVolume {
 export class VolumeProvider implements ExportProvider {
   private readonly volumes = new Map<string, OpenVolume>();
 
-  constructor(private readonly store: Store, private readonly log: Logger, private readonly hooks: VolumeHooks = {}) {}
+  private readonly locks: LockSettings;
+
+  /**
+   * `locks` defaults to locks on `store` itself (its blockers must then be
+   * the unwrapped ones: tests on a memory store), this process's identity
+   * and a 30 s wait.
+   */
+  constructor(
+    private readonly store: Store,
+    private readonly log: Logger,
+    private readonly hooks: VolumeHooks = {},
+    locks?: LockSettings,
+  ) {
+    this.locks = locks ?? { store, identity: defaultIdentity(), waitMs: DEFAULT_LOCK_WAIT_MS };
+  }
 
   async list(): Promise<ExportListing[]> {
     return (await listVolumes(this.store.maps)).map((name) => ({ name }));
@@ -51,19 +92,21 @@ export class VolumeProvider implements ExportProvider {
   }
 
   /**
-   * The open Volume `name` (opened now if no connection has it open), held
-   * open until `release` is called: the admin API snapshots through it, so
-   * that a client connecting meanwhile shares it. Null when there is no such
-   * volume. The name must be valid.
+   * The open volume `name` (opened now if no connection has it open), held
+   * open until `release` is called: the admin API snapshots and locks
+   * through it, so that a client connecting meanwhile shares it. Null when
+   * there is no such volume. The name must be valid.
    */
-  async acquire(name: string): Promise<{ volume: Volume; release: () => Promise<void> } | null> {
+  async acquire(name: string): Promise<{ volume: ServedVolume; release: () => Promise<void> } | null> {
     let v = this.volumes.get(name);
     if (!v) {
-      v = { refs: 0, opening: this.openVolume(name), since: Date.now() };
+      const entry: OpenVolume = { refs: 0, opening: this.openVolume(name), since: Date.now() };
+      entry.opening.then((served) => { entry.served = served; }, () => undefined);
+      v = entry;
       this.volumes.set(name, v);
     }
     v.refs++;
-    let volume: Volume;
+    let volume: ServedVolume;
     try {
       volume = await v.opening;
     } catch (err) {
@@ -80,7 +123,18 @@ export class VolumeProvider implements ExportProvider {
     return [...this.volumes].map(([name, v]) => ({ name, connections: v.refs }));
   }
 
-  private async openVolume(name: string): Promise<Volume> {
+  /** The lock state of every open writable volume (metrics). */
+  *lockStates(): Iterable<readonly [string, string]> {
+    for (const [name, v] of this.volumes) if (v.served instanceof VolumeSession) yield [name, v.served.lockState];
+  }
+
+  /** The volume open under `name` now, if it finished opening (for status and lock queries). */
+  async peek(name: string): Promise<ServedVolume | null> {
+    const v = this.volumes.get(name);
+    return v ? v.opening.catch(() => null) : null;
+  }
+
+  private async openVolume(name: string): Promise<ServedVolume> {
     // Read-only until the first write (Volume calls map.beginWrites()), so
     // clients that only look never write metadata.
     // Snapshots and images (READONLY/SNAPSHOT) are served read-only: NBD
@@ -95,12 +149,22 @@ export class VolumeProvider implements ExportProvider {
     }
     const readOnly = (map.flags & (VolumeFlags.READONLY | VolumeFlags.SNAPSHOT)) !== 0;
     this.log.info(`volume ${name} opened${readOnly ? ' read-only' : ''}`, { volume: name, generation: map.generation, size: map.size });
-    const volume = new Volume(map, this.store.data, readOnly);
-    this.hooks.opened?.(name, volume);
-    return volume;
+    if (readOnly) {
+      const volume = new Volume(map, this.store.data, true);
+      this.hooks.opened?.(name, volume);
+      return volume;
+    }
+    const session = await VolumeSession.open({
+      name, maps: this.store.maps, data: this.store.data,
+      lockStore: this.locks.store, identity: this.locks.identity, lockWaitMs: this.locks.waitMs, lockBackend: this.locks.backend,
+      log: this.log, hooks: this.hooks,
+    }, map);
+    session.on('lost', (err: LockLostError) => this.hooks.lost?.(name, err));
+    return session;
   }
 
-  private async closeVolume(name: string, volume: Volume): Promise<void> {
+  private async closeVolume(name: string, volume: ServedVolume): Promise<void> {
+    if (volume instanceof VolumeSession) return volume.close(); // its hooks run inside
     try {
       await volume.close();
     } finally {
@@ -128,7 +192,7 @@ export class VolumeProvider implements ExportProvider {
     const all = [...this.volumes];
     this.volumes.clear();
     await Promise.allSettled(all.map(async ([name, v]) => {
-      let volume: Volume;
+      let volume: ServedVolume;
       try {
         volume = await v.opening;
       } catch {
@@ -144,13 +208,13 @@ export class VolumeProvider implements ExportProvider {
   }
 }
 
-/** One connection's view of a shared Volume. */
+/** One connection's view of a shared volume. */
 class VolumeExport implements Export {
   readonly capabilities = CAPABILITIES;
   readonly blockSize = BLOCK_SIZE;
   private closed: Promise<void> | null = null;
 
-  constructor(private readonly volume: Volume, private readonly onClose: () => Promise<void>) {}
+  constructor(private readonly volume: ServedVolume, private readonly onClose: () => Promise<void>) {}
 
   get name(): string { return this.volume.name; }
   get size(): number { return this.volume.size; }

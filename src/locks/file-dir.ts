@@ -194,6 +194,16 @@ export class LockDirectory {
     const created = await this.create(seq, bytes, keepFd);
     if (!created) return null;
     const check = await this.readEntry(pred.seq);
+    // A free entry (release, break) may be built upon at once: the next
+    // owner links e.<seq+1> and its compaction deletes our predecessor, all
+    // before we get to read it here. Someone acting on our entry proves it
+    // was the head when linked; backing out now would delete their
+    // predecessor. (A held entry is never built upon before its claim
+    // returns: nobody appends after a live holder.)
+    if (!check && !keepFd && (await this.readEntry(seq + 1)) !== null) {
+      void this.compact(seq).catch(noop);
+      return created;
+    }
     if (!check || !check.bytes.equals(pred.bytes)) {
       this.#log.debug(`lock: entry ${pred.seq} changed under us (${check ? 'rewritten' : 'gone'}): backing out of entry ${seq}`);
       await fsp.unlink(this.entryPath(seq)).catch(noop);

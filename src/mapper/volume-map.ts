@@ -274,6 +274,32 @@ export class VolumeMap {
     return this.#beginning;
   }
 
+  /**
+   * For a read-only map whose volume another process writes (a daemon
+   * without the volume's lock): re-reads the header and forgets every cached
+   * chunk, so the lookups that follow read the chunks as stored now. Costs
+   * one header read; chunks are read again only as lookups need them — the
+   * whole map is never reloaded. Writable maps are authoritative (their
+   * holder has the lock) and refuse. Resolves with whether the header
+   * changed.
+   */
+  async refresh(): Promise<boolean> {
+    this.#assertOpen();
+    if (this.#writable || this.#beginning !== null) throw new UsageError(`volume "${this.#name}": refresh of a writable map`);
+    const header = await loadLiveHeader(this.#blocker, this.#name, { repair: false });
+    if (header.volumeId !== this.#header.volumeId) {
+      throw new VolumeNotFoundError(this.#name, 'removed (a new volume now has its name)');
+    }
+    const changed = header.generation !== this.#header.generation || header.size !== this.#header.size
+      || header.chunkRefs.length !== this.#refs.size || header.flags !== this.#header.flags;
+    Object.assign(this.#header, header);
+    this.#refs.clear();
+    for (const r of header.chunkRefs) this.#refs.set(r.chunkIndex, r);
+    this.#slots.clear();
+    this.#objectCount = objectCountOf(header.size, header.objectSizeLog2);
+    return changed;
+  }
+
   // ------------------------------------------------------------ properties
 
   get name(): string { return this.#name; }

@@ -14,7 +14,7 @@
  * JSON line (src/daemon/admin.ts) and prints the rules with their counters.
  */
 import type { CommandModule } from 'yargs';
-import { adminRequest } from '../../daemon/admin.js';
+import { askDaemon } from '../admin-client.js';
 import { FAULT_CODES, FAULT_OPS, type FaultRuleSpec, type FaultRuleState } from '../../blockers/faulty.js';
 import { printJson, withJson, type JsonArgs } from '../common.js';
 
@@ -103,13 +103,7 @@ export const faults: CommandModule<object, FaultsArgs> = {
     const socket = a['admin-socket'];
     if (!socket) throw usage('faults: give --admin-socket PATH of the daemon (started with --fault-injection)');
     const request = requestOf(a);
-    let reply;
-    try {
-      reply = await adminRequest(socket, request);
-    } catch (err) {
-      throw Object.assign(new Error(`admin socket ${socket}: ${(err as Error).message} (is the daemon running?)`), { code: 'ARCH_E_ADMIN' });
-    }
-    if (!reply.ok) throw Object.assign(new Error(reply.message), { code: reply.code });
+    const reply = await askDaemon(socket, request);
     if (a.json) {
       printJson(reply);
       return;

@@ -33,6 +33,11 @@ export const serve: CommandModule<object, ServeArgs> = {
     // environment, the config file or the built-in default (config.ts).
     .option('listen', { type: 'string', describe: 'TCP address HOST:PORT ("" for none); default 127.0.0.1:10809' })
     .option('socket', { type: 'string', describe: 'also listen on this Unix socket' })
+    .option('tls', { choices: ['off', 'on', 'require'] as const, describe: 'NBD TLS (docs/tls.md): off, on (clients may upgrade), require; default off' })
+    .option('tls-certificates', { type: 'string', describe: 'TLS X.509: directory with server-cert.pem, server-key.pem, ca-cert.pem[, ca-crl.pem]' })
+    .option('tls-verify-peer', { type: 'boolean', describe: 'TLS certificates: require client certificates signed by ca-cert.pem; default true' })
+    .option('tls-psk-file', { type: 'string', describe: 'TLS pre-shared keys: IDENTITY:HEXKEY lines (psktool)' })
+    .option('tls-allow', { type: 'string', describe: 'TLS allow-list: which client identities may open which exports (docs/tls.md)' })
     .option('admin-socket', { type: 'string', describe: 'serve the admin API (snapshots of served volumes, status) on this Unix socket, owner only' })
     .option('metrics', {
       type: 'string',
@@ -47,6 +52,9 @@ export const serve: CommandModule<object, ServeArgs> = {
       type: 'string',
       describe: 'bound on one backend operation, in seconds (0: none); on RADOS also the default of the store URL\'s op_timeout; default 30',
     })
+    .option('node-name', { type: 'string', describe: 'this node\'s name in volume locks; default the host name' })
+    .option('lock-wait', { type: 'string', describe: 'how long a write waits for its volume\'s lock, seconds; default 30' })
+    .option('lock-lease', { type: 'string', describe: 'file store: the volume lock lease, seconds; default 10' })
     .option('fault-injection', {
       type: 'boolean',
       describe: 'TESTS AND DRILLS ONLY: let the admin socket inject backend faults (archipelago faults; docs/reliability.md)',
@@ -71,6 +79,14 @@ export const serve: CommandModule<object, ServeArgs> = {
       maxConnections: cfg.maxConnections,
       backendTimeout: cfg.backendTimeout,
       faultInjection: cfg.faultInjection,
+      tls: { mode: cfg.tls, certificatesDir: cfg.tlsCertificates, verifyPeer: cfg.tlsVerifyPeer, pskFile: cfg.tlsPskFile, allowFile: cfg.tlsAllow },
+      nodeName: cfg.nodeName || undefined,
+      lockWait: cfg.lockWait,
+      lockLease: cfg.lockLease,
+      onFatal: () => {
+        // EX_TEMPFAIL: systemd restarts us (Restart=on-failure) with a new RADOS client.
+        void daemon.abort().finally(() => process.exit(75));
+      },
       onReady: (addrs, { metricsPort }) => {
         tcpPort = addrs.find((x) => x.port !== undefined)?.port;
         const line = ['READY', ...(tcpPort !== undefined ? [`port=${tcpPort}`] : []), ...(cfg.socket ? [`socket=${cfg.socket}`] : []),

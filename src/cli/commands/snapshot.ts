@@ -15,7 +15,8 @@ import type { CommandModule } from 'yargs';
 import { snapshotVolume } from '../../mapper/snapshot-create.js';
 import { cloneSnapshot, type CloneResult } from '../../mapper/clone-create.js';
 import { validateVolumeName } from '../../mapper/names.js';
-import { adminRequest } from '../../daemon/admin.js';
+import { askDaemon } from '../admin-client.js';
+import { withVolumeLock } from '../../daemon/offline-lock.js';
 import { formatSize, parseSize } from '../sizes.js';
 import { printJson, usingStore, withJson, withStore, type JsonArgs, type StoreArgs } from '../common.js';
 
@@ -42,16 +43,11 @@ export const snapshot: CommandModule<object, Args<{ volume: string; name: string
   handler: async (a) => {
     validateVolumeName(a.volume);
     validateVolumeName(a.name);
-    const socket = a['admin-socket'];
+    // Flag, environment or the config file's admin-socket (common.ts resolves them).
+    const socket = a.settings.values.adminSocket;
     if (socket && !a.offline) {
-      let reply;
-      try {
-        reply = await adminRequest(socket, { op: 'snapshot', volume: a.volume, name: a.name });
-      } catch (err) {
-        throw Object.assign(new Error(`admin socket ${socket}: ${(err as Error).message} (is the daemon running? `
-          + 'use --offline only when no daemon serves the volume)'), { code: 'ARCH_E_ADMIN' });
-      }
-      if (!reply.ok) throw Object.assign(new Error(reply.message), { code: reply.code });
+      const reply = await askDaemon(socket, { op: 'snapshot', volume: a.volume, name: a.name },
+        'is the daemon running? use --offline only when no daemon serves the volume');
       report(a.json, { volume: a.volume, name: a.name, volumeId: reply.volumeId as string, via: 'daemon' });
       return;
     }
@@ -59,7 +55,7 @@ export const snapshot: CommandModule<object, Args<{ volume: string; name: string
       throw Object.assign(new Error('snapshot: give --admin-socket PATH of the daemon serving the volume, '
         + 'or --offline when no daemon serves it'), { code: 'ARCH_E_USAGE' });
     }
-    const r = await usingStore(a.store, (s) => snapshotVolume(s.maps, a.volume, a.name));
+    const r = await usingStore(a.store, (s) => withVolumeLock(s, a.volume, () => snapshotVolume(s.maps, a.volume, a.name)));
     report(a.json, { volume: a.volume, name: a.name, volumeId: r.volumeId, via: 'offline' });
   },
 };

@@ -11,6 +11,8 @@ import { UsageError } from '../../mapper/errors.js';
 import { allocatedUsage, volumeUsage } from '../../mapper/volume-usage.js';
 import { MapFormatError } from '../../mapper/errors.js';
 import { cloneCommand } from './snapshot.js';
+import { lockOwnerOf, withVolumeLock } from '../../daemon/offline-lock.js';
+import { describeHolder } from '../../locks/index.js';
 import { formatSize, parseSize } from '../sizes.js';
 import { printJson, usingStore, withJson, withStore, type JsonArgs, type StoreArgs } from '../common.js';
 
@@ -94,7 +96,8 @@ export const info: CommandModule<object, Args<{ name: string }>> = {
   handler: async (a) => {
     validateVolumeName(a.name);
     await usingStore(a.store, async (s) => {
-      const i = { ...await infoOf(s.maps, a.name), ...await usageOf(s.maps, a.name) };
+      const base = await infoOf(s.maps, a.name);
+      const i = { ...base, ...await usageOf(s.maps, a.name), lock: await lockOwnerOf(s, base.id) };
       if (a.json) printJson(i);
       else {
         process.stdout.write([
@@ -113,6 +116,7 @@ export const info: CommandModule<object, Args<{ name: string }>> = {
           `kind:         ${i.kind}`,
           `created:      ${i.created}`,
           ...(i.parent ? [`parent:       ${i.parent}`] : []),
+          `lock:         ${i.lock ? `held by ${describeHolder(i.lock)} since ${new Date(i.lock.since).toISOString()}` : 'not held'}`,
         ].join('\n') + '\n');
       }
     });
@@ -127,7 +131,7 @@ export const remove: CommandModule<object, Args<{ name: string }>> = {
   handler: async (a) => {
     validateVolumeName(a.name);
     await usingStore(a.store, async (s) => {
-      const r = await removeVolume(s.maps, a.name);
+      const r = await withVolumeLock(s, a.name, () => removeVolume(s.maps, a.name));
       if (a.json) printJson({ name: a.name, ...r });
       else process.stdout.write(`removed volume ${a.name} (${r.removedObjects} objects deleted${r.objectsKeptBecause ? `; objects kept: ${r.objectsKeptBecause}` : ''})\n`);
     });
@@ -141,7 +145,7 @@ export const rename: CommandModule<object, Args<{ old: string; new: string }>> =
   handler: async (a) => {
     validateVolumeName(a.old);
     validateVolumeName(a.new);
-    await usingStore(a.store, (s) => renameVolume(s.maps, a.old, a.new));
+    await usingStore(a.store, (s) => withVolumeLock(s, a.old, () => renameVolume(s.maps, a.old, a.new)));
     process.stdout.write(`renamed volume ${a.old} to ${a.new}\n`);
   },
 };
@@ -153,14 +157,14 @@ export const resize: CommandModule<object, Args<{ name: string; size: string }>>
   handler: async (a) => {
     validateVolumeName(a.name);
     const size = parseSize(a.size);
-    await usingStore(a.store, async (s) => {
+    await usingStore(a.store, (s) => withVolumeLock(s, a.name, async () => {
       const map = await VolumeMap.open(s.maps, a.name, { forWrite: true });
       try {
         await map.resize(size);
       } finally {
         await map.close();
       }
-    });
+    }));
     process.stdout.write(`resized volume ${a.name} to ${formatSize(size)}\n`);
   },
 };

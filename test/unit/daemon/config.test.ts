@@ -106,6 +106,8 @@ t.test('defaults: every setting, and the default store', async (t) => {
   t.same(r.values, {
     store: DEFAULT_STORE, listen: '127.0.0.1:10809', socket: null, adminSocket: null, metrics: '127.0.0.1:9810',
     logLevel: 'info', maxConnections: 1024, backendTimeout: 30, faultInjection: false,
+    nodeName: '', lockWait: 30, lockLease: 10,
+    tls: 'off', tlsCertificates: null, tlsVerifyPeer: true, tlsPskFile: null, tlsAllow: null,
   });
   t.equal(r.file, null, 'no file read');
   for (const s of SETTINGS) t.same(r.sources[s.key], { kind: 'default' }, `${s.key} from the default`);
