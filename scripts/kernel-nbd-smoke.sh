@@ -13,10 +13,15 @@
 #   SMP              guest vCPUs (default 1)
 #   NBD_MODE         full (default) | write | verify; see init.sh
 #   GUEST_LOG        serial log path (default: a new file under $WORK/runs/)
+#   GUEST_APPEND     more kernel command line words (e.g. guestmode=map …;
+#                    scripts/kernel-guest/map-mode.sh)
+#   GUEST_NBD_PORT   the relay's port inside the guest (default 10809)
 #
 # Prints the guest's STEP/RESULT lines; exits 0 only on "RESULT PASS".
 # The guest has user-mode networking with restrict=on; its only way out is
-# the guestfwd relay 10.0.2.100:10809 -> socat -> 127.0.0.1:PORT.
+# the guestfwd relay 10.0.2.100:10809 -> socat -> 127.0.0.1:PORT. (socat logs
+# to /dev/null: QEMU hands the command's stderr the guest's socket too, so an
+# error message would land in the NBD stream.)
 set -euo pipefail
 
 if [ $# -lt 1 ] || [ $# -gt 2 ]; then
@@ -67,6 +72,7 @@ append="console=ttyS0 panic=-1 quiet rdinit=/init nbdmode=$NBD_MODE"
 [ -n "$EXPORT" ] && append+=" nbdexport=$EXPORT"
 opts="$(echo "$NBD_CLIENT_OPTS" | xargs | tr ' ' ',')"
 [ -n "$opts" ] && append+=" nbdopts=$opts"
+[ -n "${GUEST_APPEND:-}" ] && append+=" $GUEST_APPEND"
 
 QPID=""
 cleanup() {
@@ -91,7 +97,7 @@ qemu-system-x86_64 \
   -nodefaults -no-reboot -display none \
   -kernel "$WORK/vmlinuz" -initrd "$WORK/initrd.img" \
   -append "$append" \
-  -netdev "user,id=n0,restrict=on,guestfwd=tcp:10.0.2.100:10809-cmd:socat STDIO TCP:127.0.0.1:$PORT" \
+  -netdev "user,id=n0,restrict=on,guestfwd=tcp:10.0.2.100:${GUEST_NBD_PORT:-10809}-cmd:socat -lf /dev/null STDIO TCP:127.0.0.1:$PORT" \
   -device e1000,netdev=n0 \
   -serial "file:$LOG" \
   </dev/null >"$LOG.qemu" 2>&1 &
