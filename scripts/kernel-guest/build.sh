@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the kernel-client test guest: a Debian kernel plus a small initramfs
 # holding busybox-static, Debian's nbd-client, mke2fs, e2fsck and the modules
-# the guest needs (nbd, e1000, ext4 and its dependencies).
+# the guest needs (nbd, e1000, ext4, virtio-blk and their dependencies),
+# and the guest programs *-mode.sh that init.sh runs for guestmode=NAME.
 #
 # Usage: scripts/kernel-guest/build.sh WORKDIR
 #
@@ -31,6 +32,8 @@ exec 9>"$WORKDIR/.build.lock"
 flock 9
 
 MODULES=(crc16 crc32c_generic mbcache jbd2 ext4 nbd e1000)
+# virtio-blk, for guests whose disk QEMU itself serves (migrate-mode.sh), in load order.
+MODULES+=(virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk)
 BINARIES=(/usr/sbin/nbd-client /sbin/mke2fs /sbin/e2fsck)
 
 apt_updated=0
@@ -61,7 +64,9 @@ ensure_pkgs busybox-static nbd-client e2fsprogs cpio gzip
 
 # ---------------------------------------------------------------- kernel ----
 KDIR="$WORKDIR/kernel"
-if [ ! -s "$WORKDIR/vmlinuz" ] || [ ! -s "$KDIR/modules.ok" ]; then
+# Extracted again when the module list changes (modules.list).
+if [ ! -s "$WORKDIR/vmlinuz" ] || [ ! -s "$KDIR/modules.ok" ] \
+  || [ "$(cat "$KDIR/modules.list" 2>/dev/null)" != "${MODULES[*]}" ]; then
   pick_pkg() {
     apt-cache depends linux-image-amd64 2>/dev/null \
       | awk '/Depends: linux-image-6\.1\.0-[0-9]+-amd64$/ {print $2; exit}'
@@ -123,6 +128,7 @@ if [ ! -s "$WORKDIR/vmlinuz" ] || [ ! -s "$KDIR/modules.ok" ]; then
     esac
   done
   echo "$pkg $kver" >"$KDIR/modules.ok"
+  echo "${MODULES[*]}" >"$KDIR/modules.list"
   # Only vmlinuz and the few modules are needed from now on.
   rm -rf "$KDIR/root" "$KDIR/deb"
   mv "$KDIR/vmlinuz" "$WORKDIR/vmlinuz"
@@ -141,7 +147,7 @@ fi
 libs_of() {
   ldd "$1" | awk '/=> \// {print $3} /^[ \t]*\/[^ ]+ \(0x/ {print $1}'
 }
-inputs=("$HERE/init.sh" "${BASH_SOURCE[0]}" "$BUSYBOX" "${BINARIES[@]}")
+inputs=("$HERE/init.sh" "$HERE"/*-mode.sh "${BASH_SOURCE[0]}" "$BUSYBOX" "${BINARIES[@]}")
 for b in "${BINARIES[@]}"; do
   while read -r l; do inputs+=("$l"); done < <(libs_of "$b")
 done
@@ -174,6 +180,8 @@ done
 cp "$KDIR"/modules/*.ko "$R/modules/" 2>/dev/null || true
 printf '%s\n' "${MODULES[@]}" >"$R/modules/order"
 cp "$HERE/init.sh" "$R/init"
+# Guest programs init.sh hands over to (guestmode=NAME runs /NAME-mode.sh).
+cp "$HERE"/*-mode.sh "$R/"
 chmod 755 "$R/init"
 # Minimal device nodes in case devtmpfs is not mounted yet when /init starts.
 mknod -m 600 "$R/dev/console" c 5 1 2>/dev/null || true

@@ -14,6 +14,8 @@
 #                    verify connect, fsck, mount ro, check the on-disk manifest
 #   nbdfiles=N       number of small files (default 200)
 #   nbdbigmb=N       size of the random file in MiB (default 16)
+#   guestmode=NAME   after loading the modules, run /NAME-mode.sh instead
+#                    (scripts/kernel-guest/NAME-mode.sh; it documents itself)
 #
 # Output on the console: "STEP name OK|FAIL" lines, then "RESULT PASS|FAIL",
 # then the guest powers off.
@@ -44,6 +46,7 @@ for arg in $(cat /proc/cmdline); do
     nbdmode=*)   MODE="${arg#nbdmode=}" ;;
     nbdfiles=*)  NFILES="${arg#nbdfiles=}" ;;
     nbdbigmb=*)  BIGMB="${arg#nbdbigmb=}" ;;
+    guestmode=*) GUESTMODE="${arg#guestmode=}" ;;
   esac
 done
 
@@ -173,6 +176,8 @@ do_umount() { sync && umount "$MNT"; }
 say "GUEST init mode=$MODE export=$EXPORT opts=$OPTS uptime $(cut -d' ' -f1 /proc/uptime)s"
 
 step modules load_modules
+# Another guest program takes over (it ends the run with finish).
+[ -n "${GUESTMODE:-}" ] && . "/$GUESTMODE-mode.sh"
 step network net_up
 
 case "$MODE" in
