@@ -25,6 +25,16 @@
  * settles they run in order behind it. Nothing has to be cleared by hand:
  * the object recovers when the backend does. Other objects are unaffected.
  *
+ * The pile. A store that stops answering for good leaves every timed-out
+ * call running below, each holding its buffer (a write's data, a read's
+ * target) and, on a file store, a slot in libuv's queue. So the pile is
+ * bounded: while `maxLate` timed-out operations, or `maxLateBytes` of their
+ * buffers, are still outstanding, the store counts as stalled and every new
+ * call fails at once with ETIMEDOUT ("backend stalled: …"), never issued —
+ * failing is always safe, it acknowledges nothing. When the store answers
+ * again the late calls settle, the pile drains below the bounds and calls
+ * are issued again, by themselves. Calls already waiting or running go on.
+ *
  * Not fenced: `sync` (making data durable late is harmless, and a sync does
  * not wait for a fenced write: the write was not acknowledged, so no flush
  * promises it) and `list`. Late reads and syncs are counted but fence nothing.
@@ -61,9 +71,18 @@ import { silentLogger, type Logger } from '../common/log.js';
 export interface TimeoutOptions {
   /** Bound on each operation in ms; 0 turns the wrapper into a pass-through. */
   timeoutMs: number;
-  /** Told (warn) when a timed-out operation finally settles. */
+  /** Told (warn) when a timed-out operation finally settles, and when the store stalls or recovers. */
   log?: Logger;
+  /** Timed-out operations still running at which the store counts as stalled (default DEFAULT_MAX_LATE; 0: no bound). */
+  maxLate?: number;
+  /** Bytes their buffers hold at which it does (default DEFAULT_MAX_LATE_BYTES; 0: no bound). */
+  maxLateBytes?: number;
 }
+
+/** Default bound on timed-out operations still running (per wrapper: per pool; a file store has one). */
+export const DEFAULT_MAX_LATE = 1024;
+/** Default bound on the bytes they hold: writes' data and reads' targets. */
+export const DEFAULT_MAX_LATE_BYTES = 256 * 1024 * 1024;
 
 export interface TimeoutStats {
   timeoutMs: number;
@@ -71,6 +90,15 @@ export interface TimeoutStats {
   timedOut: Record<FaultOp, number>;
   /** Timed-out operations still running in the backend now. */
   late: number;
+  /** Bytes of their buffers (write and replace data, read targets). */
+  lateBytes: number;
+  /** The bounds on `late` and `lateBytes` (0: none). */
+  maxLate: number;
+  maxLateBytes: number;
+  /** True while a bound is reached: new calls fail at once. */
+  stalled: boolean;
+  /** Calls failed at once because the store was stalled. */
+  stalledRejections: number;
   /** Objects fenced now (a timed-out mutation of theirs still runs). */
   fencedObjects: number;
   /** Calls that had to wait at a fence. */
@@ -135,8 +163,13 @@ export class TimeoutBlocker implements Blocker {
   readonly #queue: DeadlineQueue;
   /** Per object: its timed-out mutations still running. */
   readonly #fences = new Map<string, Set<Promise<unknown>>>();
-  /** Every timed-out operation still running (close waits for them, bounded). */
-  readonly #late = new Set<Promise<unknown>>();
+  /** Every timed-out operation still running → the bytes it holds (close waits for them, bounded). */
+  readonly #late = new Map<Promise<unknown>, number>();
+  #lateBytes = 0;
+  readonly #maxLate: number;
+  readonly #maxLateBytes: number;
+  /** Whether a bound on the pile is reached: kept to log each change once. */
+  #stalled = false;
   readonly #stats: TimeoutStats;
   #closing: Promise<void> | undefined;
 
@@ -144,10 +177,13 @@ export class TimeoutBlocker implements Blocker {
     this.#ms = Math.max(0, options.timeoutMs);
     this.#log = options.log ?? silentLogger;
     this.#queue = new DeadlineQueue(Math.min(250, Math.max(5, Math.round(this.#ms / 20))));
+    this.#maxLate = Math.max(0, options.maxLate ?? DEFAULT_MAX_LATE);
+    this.#maxLateBytes = Math.max(0, options.maxLateBytes ?? DEFAULT_MAX_LATE_BYTES);
     this.#stats = {
       timeoutMs: this.#ms,
       timedOut: { read: 0, write: 0, replace: 0, readFull: 0, punch: 0, remove: 0, stat: 0, list: 0, sync: 0 },
-      late: 0, fencedObjects: 0, fenceWaits: 0, lateSettled: 0,
+      late: 0, lateBytes: 0, maxLate: this.#maxLate, maxLateBytes: this.#maxLateBytes, stalled: false, stalledRejections: 0,
+      fencedObjects: 0, fenceWaits: 0, lateSettled: 0,
     };
   }
 
@@ -156,7 +192,10 @@ export class TimeoutBlocker implements Blocker {
 
   /** A snapshot of the counters. */
   stats(): TimeoutStats {
-    return { ...this.#stats, timedOut: { ...this.#stats.timedOut }, late: this.#late.size, fencedObjects: this.#fences.size };
+    return {
+      ...this.#stats, timedOut: { ...this.#stats.timedOut }, late: this.#late.size, lateBytes: this.#lateBytes,
+      stalled: this.#stalled, fencedObjects: this.#fences.size,
+    };
   }
 
   /** True while a timed-out mutation of `name` may still land. */
@@ -165,11 +204,17 @@ export class TimeoutBlocker implements Blocker {
   }
 
   /**
-   * Runs `call` within the deadline: waits at `name`'s fence first when
-   * `fenced`, and fences `name` if `mutates` and the call outlives it.
+   * Runs `call` within the deadline: fails at once while the store is
+   * stalled, waits at `name`'s fence first when `fenced`, and fences `name`
+   * if `mutates` and the call outlives it. `bytes`: the buffer it holds.
    */
-  #run<T>(op: FaultOp, name: string, mutates: boolean, fenced: boolean, call: () => Promise<T>): Promise<T> {
+  #run<T>(op: FaultOp, name: string, mutates: boolean, fenced: boolean, bytes: number, call: () => Promise<T>): Promise<T> {
     if (this.#ms === 0) return call();
+    if (this.#stalled) {
+      this.#stats.stalledRejections++;
+      return Promise.reject(new BlockerError('ETIMEDOUT', op, name, `backend stalled: ${this.#pile()}; `
+        + 'not issued, new operations fail until the store answers again'));
+    }
     return new Promise<T>((resolve, reject) => {
       let issued: Promise<T> | null = null;
       const d: Deadline = { at: performance.now() + this.#ms, expire: null };
@@ -180,7 +225,7 @@ export class TimeoutBlocker implements Blocker {
             `not issued within ${this.#ms} ms: an earlier timed-out write to this object has not settled yet (fenced)`));
           return;
         }
-        this.#lateOp(op, name, mutates, issued);
+        this.#lateOp(op, name, mutates, bytes, issued);
         reject(new BlockerError('ETIMEDOUT', op, name, `no answer from the ${this.inner.kind} store within ${this.#ms} ms`));
       };
       this.#queue.add(d);
@@ -207,9 +252,11 @@ export class TimeoutBlocker implements Blocker {
   }
 
   /** Tracks a timed-out operation until it settles; a mutation fences its object meanwhile. */
-  #lateOp(op: FaultOp, name: string, mutates: boolean, p: Promise<unknown>): void {
+  #lateOp(op: FaultOp, name: string, mutates: boolean, bytes: number, p: Promise<unknown>): void {
     const timedOutAt = performance.now();
-    this.#late.add(p);
+    this.#late.set(p, bytes);
+    this.#lateBytes += bytes;
+    this.#checkStall();
     let fence: Set<Promise<unknown>> | undefined;
     if (mutates) {
       fence = this.#fences.get(name);
@@ -218,6 +265,7 @@ export class TimeoutBlocker implements Blocker {
     }
     const settled = (outcome: string) => () => {
       this.#late.delete(p);
+      this.#lateBytes -= bytes;
       this.#stats.lateSettled++;
       if (fence !== undefined) {
         fence.delete(p);
@@ -225,8 +273,26 @@ export class TimeoutBlocker implements Blocker {
       }
       this.#log.warn(`${op} ${JSON.stringify(name)}: settled (${outcome}) ${Math.round(performance.now() - timedOutAt)} ms after it timed out`
         + (mutates ? '; the object is no longer fenced' : ''), { op, object: name, outcome });
+      this.#checkStall();
     };
     p.then(settled('done'), settled('failed'));
+  }
+
+  /** What is outstanding, against the bounds, for messages. */
+  #pile(): string {
+    const mib = (n: number) => `${(n / (1024 * 1024)).toFixed(1)} MiB`;
+    return `${this.#late.size} timed-out operations (${mib(this.#lateBytes)}) still outstanding in the ${this.inner.kind} store`
+      + ` (bounds: ${this.#maxLate || 'none'} operations, ${this.#maxLateBytes ? mib(this.#maxLateBytes) : 'no bytes bound'})`;
+  }
+
+  /** Enters or leaves the stalled state as the pile crosses a bound; logs each change. */
+  #checkStall(): void {
+    const stalled = (this.#maxLate > 0 && this.#late.size >= this.#maxLate)
+      || (this.#maxLateBytes > 0 && this.#lateBytes >= this.#maxLateBytes);
+    if (stalled === this.#stalled) return;
+    this.#stalled = stalled;
+    if (stalled) this.#log.error(`backend stalled: ${this.#pile()}; new operations fail at once until it answers again`);
+    else this.#log.warn(`backend answering again: ${this.#pile()}; operations are issued again`);
   }
 
   /** Resolves once no timed-out mutation of `name` is running. */
@@ -235,35 +301,35 @@ export class TimeoutBlocker implements Blocker {
   }
 
   read(name: string, offset: number, length: number, target: Buffer): Promise<number> {
-    return this.#run('read', name, !MUTATES, FENCED, () => this.inner.read(name, offset, length, target));
+    return this.#run('read', name, !MUTATES, FENCED, length, () => this.inner.read(name, offset, length, target));
   }
 
   write(name: string, offset: number, data: Buffer): Promise<void> {
-    return this.#run('write', name, MUTATES, FENCED, () => this.inner.write(name, offset, data));
+    return this.#run('write', name, MUTATES, FENCED, data.length, () => this.inner.write(name, offset, data));
   }
 
   replace(name: string, data: Buffer): Promise<void> {
-    return this.#run('replace', name, MUTATES, FENCED, () => this.inner.replace(name, data));
+    return this.#run('replace', name, MUTATES, FENCED, data.length, () => this.inner.replace(name, data));
   }
 
   readFull(name: string): Promise<Buffer> {
-    return this.#run('readFull', name, !MUTATES, FENCED, () => this.inner.readFull(name));
+    return this.#run('readFull', name, !MUTATES, FENCED, 0, () => this.inner.readFull(name));
   }
 
   punch(name: string, offset: number, length: number): Promise<void> {
-    return this.#run('punch', name, MUTATES, FENCED, () => this.inner.punch(name, offset, length));
+    return this.#run('punch', name, MUTATES, FENCED, 0, () => this.inner.punch(name, offset, length));
   }
 
   remove(name: string): Promise<void> {
-    return this.#run('remove', name, MUTATES, FENCED, () => this.inner.remove(name));
+    return this.#run('remove', name, MUTATES, FENCED, 0, () => this.inner.remove(name));
   }
 
   stat(name: string): Promise<ObjectStat> {
-    return this.#run('stat', name, !MUTATES, FENCED, () => this.inner.stat(name));
+    return this.#run('stat', name, !MUTATES, FENCED, 0, () => this.inner.stat(name));
   }
 
   sync(names?: Iterable<string>): Promise<void> {
-    return this.#run('sync', '*', !MUTATES, !FENCED, () => this.inner.sync(names));
+    return this.#run('sync', '*', !MUTATES, !FENCED, 0, () => this.inner.sync(names));
   }
 
   /** Each step of the listing is bounded; a listing left on a timeout is closed once its step settles. */
@@ -272,7 +338,7 @@ export class TimeoutBlocker implements Blocker {
     let finished = false;
     try {
       for (;;) {
-        const r = await this.#run('list', prefix, !MUTATES, !FENCED, () => it.next());
+        const r = await this.#run('list', prefix, !MUTATES, !FENCED, 0, () => it.next());
         if (r.done) { finished = true; return; }
         yield r.value;
       }
@@ -297,7 +363,7 @@ export class TimeoutBlocker implements Blocker {
       };
       if (this.#late.size > 0) {
         this.#log.warn(`closing with ${this.#late.size} timed-out operations still running; waiting up to ${this.#ms} ms`);
-        await bound(Promise.allSettled([...this.#late]), this.inner.kind).catch(() => undefined);
+        await bound(Promise.allSettled([...this.#late.keys()]), this.inner.kind).catch(() => undefined);
       }
       await bound(this.inner.close(), this.inner.kind);
     })();

@@ -21,7 +21,9 @@
  *                forever) the daemon's timer is SECONDS.
  *
  * When one blocker serves maps and data (a file store) it is wrapped once,
- * so rules, counters and fences are shared.
+ * so rules, counters, fences and the bound on the pile of timed-out calls
+ * still running (timeout.ts: past it the store is stalled, calls fail at
+ * once) are shared; a RADOS store has one of each per pool.
  */
 import { faultyBlocker, FaultController } from '../blockers/faulty.js';
 import { withTimeouts, type TimeoutBlocker, type TimeoutStats } from '../blockers/timeout.js';
@@ -42,6 +44,9 @@ export interface BackendGuardOptions {
   timeoutSec?: number;
   /** --fault-injection. */
   faultInjection?: boolean;
+  /** Bounds on the timed-out calls still running, per blocker (timeout.ts; default DEFAULT_MAX_LATE, DEFAULT_MAX_LATE_BYTES). */
+  maxLate?: number;
+  maxLateBytes?: number;
   log: Logger;
 }
 
@@ -55,7 +60,7 @@ export interface GuardedStore {
   faults: FaultController | null;
   /** The daemon's bound on one backend operation in ms (0: none). */
   timeoutMs: number;
-  /** Timeout counters summed over the store's blockers. */
+  /** Timeout counters summed over the store's blockers (the bounds maxLate, maxLateBytes are per blocker; stalled: any is). */
   status(): BackendStatus;
 }
 
@@ -109,7 +114,9 @@ export function guardStore(store: Store, o: BackendGuardOptions): GuardedStore {
   const wrap = (b: Blocker): Blocker => {
     let w = wrapped.get(b);
     if (w === undefined) {
-      w = withTimeouts(faults ? faultyBlocker(b, faults) : b, { timeoutMs, log: o.log.child({ component: 'backend' }) });
+      w = withTimeouts(faults ? faultyBlocker(b, faults) : b, {
+        timeoutMs, log: o.log.child({ component: 'backend' }), maxLate: o.maxLate, maxLateBytes: o.maxLateBytes,
+      });
       wrapped.set(b, w);
     }
     return w;
@@ -140,6 +147,9 @@ export function guardStore(store: Store, o: BackendGuardOptions): GuardedStore {
       for (const s of all.slice(1)) {
         for (const k of Object.keys(sum.timedOut) as (keyof TimeoutStats['timedOut'])[]) sum.timedOut[k] += s.timedOut[k];
         sum.late += s.late;
+        sum.lateBytes += s.lateBytes;
+        sum.stalled ||= s.stalled;
+        sum.stalledRejections += s.stalledRejections;
         sum.fencedObjects += s.fencedObjects;
         sum.fenceWaits += s.fenceWaits;
         sum.lateSettled += s.lateSettled;

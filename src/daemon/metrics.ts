@@ -7,7 +7,9 @@
  *                 RequestObserver called after every request
  *   src/compose   Volume.stats (copy-ups)          ┐ read at scrape time from the
  *   src/mapper    VolumeMap.stats (map cache)      ┘ open volumes (VolumeHooks)
- *   src/blockers  observeBlocker(): every backend operation's time and error
+ *   src/blockers  observeBlocker(): every backend operation's time and error;
+ *                 the timeout guard's counters (BackendStatus, backend.ts), read
+ *                 at scrape time
  *
  * With its siblings metrics-histogram.ts and metrics-http.ts, the only code
  * that imports prom-client (STYLE.md habit 11).
@@ -25,13 +27,15 @@
  * over its life does not keep their series forever; if the volume comes back
  * its counters restart from 0, which rate() and increase() take as a reset.
  */
-import { Counter, Gauge, Registry, collectDefaultMetrics } from 'prom-client';
+import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
+import { lockAcquiredChannel, lockHandoverChannel, type LockAcquiredMessage, type LockHandoverMessage } from '../locks/index.js';
 import { NBD_CMD, nameOfCmd, nameOfError } from '../nbd/constants.js';
 import type { HandshakeFailure, NbdHooks, RequestObserver } from '../nbd/server.js';
 import { BLOCKER_OPS, type BlockerOpObserver } from '../blockers/observed.js';
 import type { BlockerErrorCode } from '../blockers/errors.js';
 import type { Volume } from '../compose/volume.js';
 import type { VolumeHooks } from './volume-export.js';
+import type { BackendStatus } from './backend.js';
 import { BucketHistogram } from './metrics-histogram.js';
 
 /**
@@ -55,7 +59,7 @@ const OP_NAMES: readonly string[] = [
 /** Commands whose `bytes` are a payload (request_bytes_total). */
 const DATA_OPS: ReadonlySet<number> = new Set([NBD_CMD.READ, NBD_CMD.WRITE]);
 
-const HANDSHAKE_FAILURES: readonly HandshakeFailure[] = ['timeout', 'peer_closed', 'protocol', 'error'];
+const HANDSHAKE_FAILURES: readonly HandshakeFailure[] = ['timeout', 'peer_closed', 'protocol', 'tls', 'error'];
 
 /** What the metrics read at scrape time from the running daemon (serve.ts attaches it). */
 export interface MetricsSources {
@@ -65,7 +69,20 @@ export interface MetricsSources {
   inFlight(): ReadonlyMap<string, number>;
   /** Volumes open now. */
   volumesOpen(): number;
+  /** The backend guard's counters (fences, timeouts, the pile of late calls); absent: all 0. */
+  backend?(): BackendStatus;
+  /** The lock state of each open writable volume (volume-session.ts). */
+  lockStates?(): Iterable<readonly [string, string]>;
 }
+
+/** Lock waits and hand-overs: from a few ms (RADOS notify) to the lease or watch timeout of a dead holder. */
+const LOCK_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60];
+
+/** The guard's op names (FaultOp) → the blocker op label (BLOCKER_OPS). */
+const GUARD_OPS: ReadonlyArray<readonly [keyof BackendStatus['timedOut'], string]> = [
+  ['read', 'read'], ['write', 'write'], ['replace', 'replace'], ['readFull', 'read_full'], ['punch', 'punch'],
+  ['remove', 'remove'], ['stat', 'stat'], ['list', 'list'], ['sync', 'sync'],
+];
 
 export interface MetricsOptions {
   /** prom-client's default process and Node.js metrics (default true). */
@@ -152,6 +169,9 @@ export class DaemonMetrics {
   private readonly connectionsTotal: Counter;
   private readonly connectionsRefused: Counter<'reason'>;
   private readonly handshakeFailures: Counter<'reason'>;
+  private readonly lockLosses: Counter<'fenced'>;
+  private readonly onLockAcquired: (m: unknown) => void;
+  private readonly onLockHandover: (m: unknown) => void;
 
   constructor(o: MetricsOptions = {}) {
     this.now = o.now ?? Date.now;
@@ -175,7 +195,7 @@ export class DaemonMetrics {
     });
     this.handshakeFailures = new Counter({
       name: 'archipelago_nbd_handshake_failures_total',
-      help: 'NBD handshakes that ended without an export: timeout, peer_closed, protocol (a client error), error (a server error).',
+      help: 'NBD handshakes that ended without an export: timeout, peer_closed, protocol (a client error), tls (the TLS handshake failed), error (a server error).',
       labelNames: ['reason'], registers,
     });
     for (const reason of ['limit', 'shutdown']) this.connectionsRefused.inc({ reason }, 0);
@@ -247,12 +267,85 @@ export class DaemonMetrics {
       labelNames: ['blocker', 'role', 'op', 'code'], registers,
     });
 
+    // ------------------------------------------------ backend guard (timeouts)
+    const backend = () => self.sources?.backend?.();
+    new Counter({
+      name: 'archipelago_backend_timeouts_total',
+      help: "Backend operations the daemon's --backend-timeout gave up on (ETIMEDOUT), by operation; fenced calls that were never issued included.",
+      labelNames: ['op'], registers,
+      collect() {
+        const b = backend();
+        this.reset();
+        for (const [key, op] of GUARD_OPS) this.inc({ op }, b?.timedOut[key] ?? 0);
+      },
+    });
+    new Gauge({
+      name: 'archipelago_backend_late_operations', help: 'Timed-out backend operations still running in the store now.',
+      registers, collect() { this.set(backend()?.late ?? 0); },
+    });
+    new Gauge({
+      name: 'archipelago_backend_late_bytes', help: 'Bytes held by those operations (write data, read buffers).',
+      registers, collect() { this.set(backend()?.lateBytes ?? 0); },
+    });
+    new Gauge({
+      name: 'archipelago_backend_fenced_objects',
+      help: 'Objects fenced now: a timed-out write, replace, punch or remove of theirs still runs, so later calls on them wait behind it.',
+      registers, collect() { this.set(backend()?.fencedObjects ?? 0); },
+    });
+    new Gauge({
+      name: 'archipelago_backend_stalled',
+      help: '1 while the timed-out operations still running reach their bound (count or bytes): new backend calls fail at once.',
+      registers, collect() { this.set(backend()?.stalled ? 1 : 0); },
+    });
+    new Counter({
+      name: 'archipelago_backend_stalled_rejections_total', help: 'Backend calls failed at once (never issued) because the store was stalled.',
+      registers, collect() { this.reset(); this.inc(backend()?.stalledRejections ?? 0); },
+    });
+
     // -------------------------------------------------------------- locks
-    // Lock state and handovers (DESIGN.md §4) go here once src/locks exists,
-    // fed like the NBD metrics by a hooks object handed to the lock layer:
-    //   archipelago_lock_state{volume,state}            gauge, 1 for the current state
-    //   archipelago_lock_handovers_total{volume,result} counter
-    //   archipelago_lock_acquire_duration_seconds       histogram (no volume label)
+    // Fed by the lock layer's diagnostics channels (volume-lock.ts): rare
+    // events, so prom-client's own Histogram is cheap enough. No volume label
+    // on the histograms (series per volume would multiply by the buckets).
+    new Gauge({
+      name: 'archipelago_lock_state',
+      help: 'Lock state of each open writable volume: 1 for its current state (unlocked, acquiring, owner, releasing, lost, closed).',
+      labelNames: ['volume', 'state'], registers,
+      collect() {
+        this.reset();
+        for (const [volume, state] of self.sources?.lockStates?.() ?? []) this.set({ volume, state }, 1);
+      },
+    });
+    const acquisitions = new Counter({
+      name: 'archipelago_lock_acquisitions_total',
+      help: 'Volume locks this daemon acquired, by how: free (nobody held it), handover (the holder released it on request), takeover (a dead holder was fenced and broken).',
+      labelNames: ['kind'], registers,
+    });
+    const acquireTime = new Histogram({
+      name: 'archipelago_lock_acquire_duration_seconds',
+      help: 'From asking for a volume lock to holding it, by how it was acquired (a write waits this long on a hand-over).',
+      labelNames: ['kind'], buckets: LOCK_BUCKETS, registers,
+    });
+    const handovers = new Histogram({
+      name: 'archipelago_lock_handover_duration_seconds',
+      help: 'Hand-overs this daemon gave: from another node\'s request to the lock released (drain, flush, map persisted).',
+      buckets: LOCK_BUCKETS, registers,
+    });
+    this.lockLosses = new Counter({
+      name: 'archipelago_lock_losses_total',
+      help: 'Volume locks lost while owned: fenced (blocklisted: the daemon restarts) or not (lease expired, broken by an operator).',
+      labelNames: ['fenced'], registers,
+    });
+    for (const kind of ['free', 'handover', 'takeover']) acquisitions.inc({ kind }, 0);
+    for (const fenced of ['true', 'false']) this.lockLosses.inc({ fenced }, 0);
+    this.onLockAcquired = (m: unknown) => {
+      const { waitedMs, handover, takeover } = m as LockAcquiredMessage;
+      const kind = takeover ? 'takeover' : handover ? 'handover' : 'free';
+      acquisitions.inc({ kind });
+      acquireTime.observe({ kind }, waitedMs / 1000);
+    };
+    this.onLockHandover = (m: unknown) => handovers.observe((m as LockHandoverMessage).ms / 1000);
+    lockAcquiredChannel.subscribe(this.onLockAcquired);
+    lockHandoverChannel.subscribe(this.onLockHandover);
 
     // ------------------------------------------------------------ process
     if (o.processMetrics !== false) {
@@ -274,7 +367,14 @@ export class DaemonMetrics {
     this.volumeHooks = {
       opened: (name, volume) => this.volumeOpened(name, volume),
       closed: (name, volume) => this.volumeClosed(name, volume),
+      lost: (_name, err) => this.lockLosses.inc({ fenced: String(err.fenced) }),
     };
+  }
+
+  /** Stops listening to the lock layer's channels (they are process-wide). */
+  close(): void {
+    lockAcquiredChannel.unsubscribe(this.onLockAcquired);
+    lockHandoverChannel.unsubscribe(this.onLockHandover);
   }
 
   /** Connects the scrape-time gauges to the running daemon. */

@@ -8,8 +8,10 @@
  * or random value (option, command, flags, offset, lengths, magic), huge
  * lengths, truncation inside a frame chosen uniformly over the stages,
  * garbage after a frame, frames dropped/duplicated/swapped, and delivery in
- * tiny pieces. Sessions run one at a time or a few in parallel; each ends when
- * the server closes it or the client gives up after a short quiet period.
+ * pieces (tiny ones over the head of every frame, a few cuts inside long
+ * bodies, so frames cross the server's read boundaries at bounded cost).
+ * Sessions run one at a time or a few in parallel; each ends when the server
+ * closes it or the client gives up after a short quiet period.
  *
  * After every batch a long-lived "witness" connection must still write and
  * read back its data; at the end the server must hold no connection but the
@@ -61,6 +63,8 @@ export interface FuzzResult {
   closedByServer: number;
   gaveUp: number;
   witnessChecks: number;
+  /** Socket writes over all sessions (one per session, more for `split`). */
+  writes: number;
   /** Mutations applied, by name. */
   mutations: Record<string, number>;
   /** Truncations, by the stage of the frame cut. */
@@ -180,8 +184,10 @@ interface Plan {
   cut: number | null;
   /** Flipped bit positions in the encoded stream. */
   flips: number[];
-  /** Deliver in pieces of at most this many bytes (0 = one write). */
+  /** `split`: pieces of at most this many bytes over each frame's head (0 = one write). */
   piece: number;
+  /** `split`: seed of the cuts inside frame bodies (drawn at render time, once frames are final). */
+  splitSeed: number;
   applied: string[];
 }
 
@@ -275,13 +281,14 @@ const mutations: Record<string, Mutation> = {
   },
   split(r, p) {
     p.piece = 1 + r.int(r.chance(0.5) ? 4 : 64);
-    return `deliver in pieces of ≤ ${p.piece} bytes`;
+    p.splitSeed = r.u32();
+    return `deliver frame heads in pieces of ≤ ${p.piece} bytes`;
   },
 };
 const mutationNames = Object.keys(mutations);
 
 function plan(r: Rng, exportName: string, size: number, stats: FuzzResult): Plan {
-  const p: Plan = { frames: buildSession(r, exportName, size), cut: null, flips: [], piece: 0, applied: [] };
+  const p: Plan = { frames: buildSession(r, exportName, size), cut: null, flips: [], piece: 0, splitSeed: 0, applied: [] };
   const k = r.chance(0.05) ? 0 : 1 + r.int(3);
   for (let i = 0; i < k; i++) {
     const name = r.pick(mutationNames);
@@ -291,22 +298,56 @@ function plan(r: Rng, exportName: string, size: number, stats: FuzzResult): Plan
   return p;
 }
 
-function render(p: Plan): Buffer {
-  let b = Buffer.concat(p.frames.map(encodeFrame));
+/**
+ * How `split` delivers a session. Parsers break on a frame whose header or
+ * length field straddles two reads, so the first SPLIT_HEAD bytes of every
+ * frame (a request header is 28 bytes, an option header 16, client flags 4)
+ * go in pieces of at most `piece` bytes; the rest of a frame (a payload of up
+ * to 1 MiB, long option data, garbage) is cut at SPLIT_BODY_CUTS random
+ * places, so bodies cross reads too without one system call per few bytes
+ * (that cost 60 % of a long run's time). At most SPLIT_MAX_WRITES writes a
+ * session: the tail past them goes in one.
+ */
+const SPLIT_HEAD = 32;
+const SPLIT_BODY_CUTS = 2;
+const SPLIT_MAX_WRITES = 600;
+
+/** A session's bytes, and where each write ends (ascending, the last = bytes.length). */
+interface Rendered { bytes: Buffer; writes: number[] }
+
+function render(p: Plan): Rendered {
+  const parts = p.frames.map(encodeFrame);
+  let b = Buffer.concat(parts);
   for (const bit of p.flips) {
     const at = bit >> 3;
     if (at < b.length) b[at]! ^= 1 << (bit & 7);
   }
   if (p.cut !== null) b = b.subarray(0, p.cut);
-  return b;
+  if (p.piece === 0) return { bytes: b, writes: b.length ? [b.length] : [] };
+  const r = new Rng(p.splitSeed);
+  const cuts: number[] = [];
+  let start = 0;
+  for (const part of parts) {
+    if (start >= b.length) break;
+    const head = Math.min(part.length, SPLIT_HEAD);
+    // Half the frames start a write; the others share one with the end of the previous frame.
+    if (r.chance(0.5)) cuts.push(start);
+    // At least one cut inside every head longer than a byte, however large the piece.
+    for (let at = 1 + r.int(Math.max(1, Math.min(p.piece, head - 1))); at < head; at += p.piece) cuts.push(start + at);
+    if (part.length > head) for (let k = 0; k < SPLIT_BODY_CUTS; k++) cuts.push(start + head + r.int(part.length - head));
+    start += part.length;
+  }
+  const writes = [...new Set(cuts.filter((x) => x > 0 && x < b.length))].sort((x, y) => x - y).slice(0, SPLIT_MAX_WRITES - 1);
+  if (b.length) writes.push(b.length);
+  return { bytes: b, writes };
 }
 
 // ------------------------------------------------------------- sessions
 
 interface SessionOutcome { closed: boolean; received: number; greetingOk: boolean }
 
-/** Sends one session's bytes and waits until the server closes or goes quiet. */
-function runSession(host: string, port: number, bytes: Buffer, piece: number, idleMs: number, maxMs: number): Promise<SessionOutcome> {
+/** Sends one session's bytes, a write per piece, and waits until the server closes or goes quiet. */
+function runSession(host: string, port: number, { bytes, writes }: Rendered, idleMs: number, maxMs: number): Promise<SessionOutcome> {
   return new Promise((resolve) => {
     const s = net.connect({ host, port, noDelay: true });
     let head = Buffer.alloc(0);
@@ -333,14 +374,13 @@ function runSession(host: string, port: number, bytes: Buffer, piece: number, id
     s.on('close', () => { closed = true; finish(); });
     s.on('end', () => { closed = true; });
     s.once('connect', async () => {
-      if (piece > 0) {
-        for (let i = 0; i < bytes.length && !closed; i += piece) {
-          s.write(bytes.subarray(i, i + piece));
-          if ((i / piece) % 16 === 15) await new Promise((r) => setImmediate(r));
-          if (done) return;
-        }
-      } else if (bytes.length) {
-        s.write(bytes);
+      let from = 0;
+      for (let i = 0; i < writes.length && !closed; i++) {
+        s.write(bytes.subarray(from, writes[i]));
+        from = writes[i]!;
+        // Give the server a chance to read between pieces (it reads whatever has arrived).
+        if (i % 4 === 3) await new Promise((r) => setImmediate(r));
+        if (done) return;
       }
       if (done) return;
       sent = true;
@@ -425,7 +465,7 @@ export async function runFuzz(o: FuzzOptions): Promise<FuzzResult> {
   const started = Date.now();
   const stats: FuzzResult = {
     seed: o.seed, sessions: 0, frames: 0, batches: 0, parallelBatches: 0, closedByServer: 0, gaveUp: 0,
-    witnessChecks: 0, mutations: {}, truncatedAt: {}, memoryGrowth: 0, ms: 0,
+    witnessChecks: 0, writes: 0, mutations: {}, truncatedAt: {}, memoryGrowth: 0, ms: 0,
   };
   const gc = gcFunction();
   const size = await exportSize(host, o.port, o.exportName);
@@ -443,28 +483,29 @@ export async function runFuzz(o: FuzzOptions): Promise<FuzzResult> {
       stats.batches++;
       if (n > 1) stats.parallelBatches++;
       const runs: Array<Promise<SessionOutcome>> = [];
-      const plans: Array<{ index: number; plan: Plan; bytes: Buffer }> = [];
+      const plans: Array<{ index: number; plan: Plan; out: Rendered }> = [];
       for (let k = 0; k < n; k++) {
         const index = stats.sessions++;
         const r = new Rng(sessionSeed(o.seed, index));
         const p = plan(r, o.exportName, size, stats);
-        const bytes = render(p);
+        const out = render(p);
         stats.frames += p.frames.length;
-        plans.push({ index, plan: p, bytes });
-        runs.push(runSession(host, o.port, bytes, p.piece, idleMs, maxSessionMs));
+        stats.writes += out.writes.length;
+        plans.push({ index, plan: p, out });
+        runs.push(runSession(host, o.port, out, idleMs, maxSessionMs));
       }
       const outcomes = await Promise.all(runs);
       for (let k = 0; k < n; k++) {
         const out = outcomes[k]!;
-        const { index, plan: p, bytes } = plans[k]!;
+        const { index, plan: p, out: rendered } = plans[k]!;
         if (out.closed) stats.closedByServer++;
         else stats.gaveUp++;
-        if (!out.greetingOk) throw fail('the server did not start with the greeting', index, describe(p, bytes));
+        if (!out.greetingOk) throw fail('the server did not start with the greeting', index, describe(p, rendered));
       }
       const fault = await witness.check(wr);
       stats.witnessChecks++;
       if (fault) {
-        throw fail(fault, plans[0]!.index, plans.map(({ index, plan: p, bytes }) => `session ${index}: ${describe(p, bytes)}`).join('\n'));
+        throw fail(fault, plans[0]!.index, plans.map(({ index, plan: p, out }) => `session ${index}: ${describe(p, out)}`).join('\n'));
       }
       if (stats.batches % 100 === 0) log(`fuzz: ${stats.sessions} sessions, ${stats.frames} frames, ${Date.now() - started} ms`);
     }
@@ -489,7 +530,8 @@ export async function runFuzz(o: FuzzOptions): Promise<FuzzResult> {
   return stats;
 }
 
-function describe(p: Plan, bytes: Buffer): string {
+function describe(p: Plan, { bytes, writes }: Rendered): string {
   const hex = bytes.subarray(0, 256).toString('hex');
-  return `[${p.applied.join('; ')}] ${bytes.length} bytes${p.piece ? ` in pieces of ${p.piece}` : ''}: ${hex}${bytes.length > 256 ? '…' : ''}`;
+  const how = p.piece ? ` in ${writes.length} writes (heads in pieces of ≤ ${p.piece}), ending at ${writes.slice(0, 32).join(',')}${writes.length > 32 ? '…' : ''}` : '';
+  return `[${p.applied.join('; ')}] ${bytes.length} bytes${how}: ${hex}${bytes.length > 256 ? '…' : ''}`;
 }

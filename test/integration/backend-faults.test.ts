@@ -195,6 +195,10 @@ t.test('a hung store: bounded errors, the object fenced until the late write lan
   let b = await d.backend();
   t.equal(b.fencedObjects, 1, 'one object fenced');
   t.ok(b.timedOut.write >= 3, 'timeouts counted', { b });
+  const metrics = await (await fetch(`http://127.0.0.1:${d.metricsPort}/metrics`)).text();
+  t.match(metrics, /^archipelago_backend_fenced_objects 1$/m, '/metrics: the fenced object');
+  t.match(metrics, /^archipelago_backend_late_operations 1$/m, '/metrics: the late write');
+  t.match(metrics, /^archipelago_backend_stalled 0$/m, '/metrics: far below the bound on late operations');
   await d.faults({ action: 'clear' });
   await sleep(100);
   t.same(await read(drv, 0, 4096), pattern(4, 4096), 'the late write landed; the one that never ran did not');

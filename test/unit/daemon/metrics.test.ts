@@ -15,6 +15,7 @@ import path from 'node:path';
 import zlib from 'node:zlib';
 import { fileURLToPath } from 'node:url';
 import { DaemonMetrics } from '../../../src/daemon/metrics.js';
+import { guardStore } from '../../../src/daemon/backend.js';
 import { BucketHistogram } from '../../../src/daemon/metrics-histogram.js';
 import { listenMetrics } from '../../../src/daemon/metrics-http.js';
 import { VolumeProvider } from '../../../src/daemon/volume-export.js';
@@ -28,6 +29,7 @@ import { createLogger, silentLogger } from '../../../src/common/log.js';
 import { startTestServer } from '../../helpers/nbd-server.js';
 import { RawClient, connectTo } from '../../helpers/nbd-raw-client.js';
 import { CMD } from '../../helpers/nbd-encoder.js';
+import type { VolumeSession } from '../../../src/daemon/volume-session.js';
 import { blockerConformance, collect } from '../../helpers/blocker-conformance.js';
 
 /** Parses the text exposition into `name{sorted labels}` → value. */
@@ -168,7 +170,7 @@ t.test('copy-ups and map cache through the VolumeProvider hooks, kept when the v
   const provider = await volumeSetup(m);
   const held = (await provider.acquire('v'))!;
   await held.volume.write(0, Buffer.alloc(65536, 1), false);
-  await held.volume.quiesce(() => held.volume.map.markShared()); // what a snapshot does to its origin
+  await (held.volume as VolumeSession).exclusive((v) => v.map.markShared()); // what a snapshot does to its origin
   await held.volume.write(100, Buffer.alloc(10, 2), false); // partial write to a shared object: copy-up
   let s = parse(await m.scrape());
   t.equal(value(s, 'archipelago_volume_copyups_total', { volume: 'v' }), 1, 'one copy-up');
@@ -316,4 +318,46 @@ t.test('only src/daemon/metrics*.ts import prom-client', async (t) => {
   const files = (fs.readdirSync(src, { recursive: true }) as string[]).filter((f) => f.endsWith('.ts'));
   const importers = files.filter((f) => /from\s+['"]prom-client['"]/.test(fs.readFileSync(path.join(src, f), 'utf8'))).sort();
   t.same(importers, ['daemon/metrics-histogram.ts', 'daemon/metrics.ts'].map((f) => f.split('/').join(path.sep)));
+});
+
+t.test('backend guard: timeouts by op, late operations and bytes, fenced objects, stalled, rejections', async (t) => {
+  const m = new DaemonMetrics({ processMetrics: false });
+  let s = parse(await m.scrape());
+  t.equal(value(s, 'archipelago_backend_fenced_objects'), 0, 'no sources attached: 0');
+  const blocker = new MemoryBlocker();
+  const g = guardStore({ url: 'memory:', maps: blocker, data: blocker, close: async () => {} },
+    { timeoutSec: 0.1, faultInjection: true, maxLate: 2, log: createLogger({ level: 'error', write: () => {} }) });
+  t.teardown(() => g.store.close());
+  m.attach({ ...SOURCES, backend: () => g.status() });
+  s = parse(await m.scrape());
+  t.equal(value(s, 'archipelago_backend_timeouts_total', { op: 'write' }), 0, 'every op has a series from the start');
+  t.equal(value(s, 'archipelago_backend_timeouts_total', { op: 'read_full' }), 0, 'named like the blocker ops');
+  t.equal(value(s, 'archipelago_backend_stalled'), 0);
+
+  g.faults!.addRule({ ops: ['write'], hang: true });
+  await t.rejects(g.store.data.write('d.1', 0, Buffer.alloc(4096)), { code: 'ETIMEDOUT' });
+  s = parse(await m.scrape());
+  t.equal(value(s, 'archipelago_backend_timeouts_total', { op: 'write' }), 1, 'one write timed out');
+  t.equal(value(s, 'archipelago_backend_late_operations'), 1, 'still running below');
+  t.equal(value(s, 'archipelago_backend_late_bytes'), 4096, 'holding its 4 KiB');
+  t.equal(value(s, 'archipelago_backend_fenced_objects'), 1, 'its object fenced');
+  t.equal(value(s, 'archipelago_backend_stalled'), 0, 'below the bound');
+
+  await t.rejects(g.store.maps.write('m.1', 0, Buffer.alloc(100)), { code: 'ETIMEDOUT' });
+  await t.rejects(g.store.data.read('d.2', 0, 10, Buffer.alloc(10)), { code: 'ETIMEDOUT', message: /backend stalled/ });
+  s = parse(await m.scrape());
+  t.equal(value(s, 'archipelago_backend_fenced_objects'), 2);
+  t.equal(value(s, 'archipelago_backend_stalled'), 1, 'two late: the bound');
+  t.equal(value(s, 'archipelago_backend_stalled_rejections_total'), 1, 'the read failed at once');
+  t.equal(value(s, 'archipelago_backend_timeouts_total', { op: 'read' }), 0, 'not a timeout: never issued');
+
+  g.faults!.clear();
+  for (const end = Date.now() + 2000; g.status().late > 0 && Date.now() < end;) await new Promise((r) => setTimeout(r, 5));
+  s = parse(await m.scrape());
+  t.equal(value(s, 'archipelago_backend_late_operations'), 0, 'released: the late writes settled');
+  t.equal(value(s, 'archipelago_backend_late_bytes'), 0);
+  t.equal(value(s, 'archipelago_backend_fenced_objects'), 0, 'fences lifted');
+  t.equal(value(s, 'archipelago_backend_stalled'), 0, 'recovered');
+  t.equal(value(s, 'archipelago_backend_timeouts_total', { op: 'write' }), 2, 'counters keep counting');
+  t.equal(value(s, 'archipelago_backend_stalled_rejections_total'), 1);
 });
