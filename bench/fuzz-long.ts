@@ -3,7 +3,7 @@
  * runFuzz; the unit test sends a few thousand frames) against the real daemon
  * serving file-store volumes, as users run it, for up to a million frames.
  *
- *   npm run build && node build/bench/fuzz-long.js [--frames 1000000] [--minutes 15] [--seed N]
+ *   npm run build && node build/bench/fuzz-long.js [--frames 1000000] [--minutes 60] [--seed N]
  *       [--round 20000] [--parallel 8] [--parallel-share 0.5] [--dir /var/tmp]
  *
  * The frames go in rounds of --round frames (each a runFuzz call with the
@@ -45,7 +45,7 @@ import { RawClient } from '../test/helpers/nbd-raw-client.js';
 const KiB = 1024;
 const MiB = 1024 * KiB;
 const targetFrames = Number(argValue('frames', '1000000'));
-const minutes = Number(argValue('minutes', '15'));
+const minutes = Number(argValue('minutes', '60'));
 const roundFrames = Number(argValue('round', '20000'));
 const parallel = Number(argValue('parallel', '8'));
 const parallelShare = Number(argValue('parallel-share', '0.5'));

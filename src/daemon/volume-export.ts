@@ -25,6 +25,9 @@ import { defaultIdentity, type LockBackendOptions, type LockIdentity, type LockL
 /** How long a write waits for a volume's lock by default (hand-over from another daemon included). */
 export const DEFAULT_LOCK_WAIT_MS = 30_000;
 
+/** How long one store listing answers NBD_OPT_LIST (list()). */
+const LIST_CACHE_MS = 2_000;
+
 const CAPABILITIES: ExportCapabilities = {
   flush: true, fua: true, trim: true, zero: true, fastZero: true, cache: true,
   multiConn: true, blockStatus: true, rotational: false,
@@ -63,6 +66,7 @@ interface OpenVolume {
 
 export class VolumeProvider implements ExportProvider {
   private readonly volumes = new Map<string, OpenVolume>();
+  private listing: { at: number; names: Promise<ExportListing[]> } | null = null;
 
   private readonly locks: LockSettings;
 
@@ -80,8 +84,21 @@ export class VolumeProvider implements ExportProvider {
     this.locks = locks ?? { store, identity: defaultIdentity(), waitMs: DEFAULT_LOCK_WAIT_MS };
   }
 
-  async list(): Promise<ExportListing[]> {
-    return (await listVolumes(this.store.maps)).map((name) => ({ name }));
+  /**
+   * The volumes, for NBD_OPT_LIST. Listing a store is costly (the file
+   * store walks every fan-out directory: seconds on a large store) and any
+   * client may ask, so one listing serves every request arriving within
+   * LIST_CACHE_MS of its start: a new volume shows up at most that late.
+   */
+  list(): Promise<ExportListing[]> {
+    const now = performance.now();
+    if (this.listing && now - this.listing.at < LIST_CACHE_MS) return this.listing.names;
+    const names = listVolumes(this.store.maps).then((all) => all.map((name) => ({ name })));
+    const entry = { at: now, names };
+    this.listing = entry;
+    // A failed listing is not kept: the next request tries again.
+    names.catch(() => { if (this.listing === entry) this.listing = null; });
+    return names;
   }
 
   async open(name: string): Promise<Export | null> {
