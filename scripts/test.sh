@@ -32,6 +32,11 @@ for port in 40300 40400 40500 40600 40700; do
 done
 [ "$rc" -eq 0 ] || { echo "test.sh: no free port range for the test Ceph cluster" >&2; exit 1; }
 export ARCHIPELAGO_TEST_CEPH=$ceph_dir
+# The crash tests SIGKILL daemons that hold volume locks; the restarted daemon
+# fences the dead holder once its watch is gone, after osd_client_watch_timeout
+# (30 s by default, as for RBD): 5 s here, with clients pinging every second.
+ceph --conf "$ceph_dir/ceph.conf" config set osd osd_client_watch_timeout 5
+ceph --conf "$ceph_dir/ceph.conf" config set client objecter_tick_interval 1
 
 # tap runs every compiled test file (see "tap" in package.json).
 npx tap

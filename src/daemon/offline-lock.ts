@@ -7,7 +7,7 @@
  * writers).
  */
 import { VolumeMap } from '../mapper/volume-map.js';
-import { createVolumeLock, defaultIdentity, type LockOwner } from '../locks/index.js';
+import { createVolumeLock, defaultIdentity, removeLockObject, type LockOwner } from '../locks/index.js';
 import type { Store } from './store.js';
 import { DEFAULT_LOCK_WAIT_MS } from './volume-export.js';
 
@@ -24,16 +24,22 @@ export async function volumeIdOf(store: Store, name: string): Promise<string> {
  * hand-over or a dead holder's fencing). `store` must be the unwrapped one
  * openStore returns.
  */
-export async function withVolumeLock<T>(store: Store, name: string, fn: () => Promise<T>, waitMs = DEFAULT_LOCK_WAIT_MS): Promise<T> {
-  const lock = createVolumeLock({ maps: store.maps, rados: store.rados }, await volumeIdOf(store, name), { identity: defaultIdentity() });
+export async function withVolumeLock<T>(
+  store: Store, name: string, fn: () => Promise<T>, o: { waitMs?: number; removesVolume?: boolean } = {},
+): Promise<T> {
+  const id = await volumeIdOf(store, name);
+  const lock = createVolumeLock({ maps: store.maps, rados: store.rados }, id, { identity: defaultIdentity() });
+  let result: T;
   try {
-    await lock.acquire({ wait: waitMs, requestHandover: true });
-    const result = await fn();
+    await lock.acquire({ wait: o.waitMs ?? DEFAULT_LOCK_WAIT_MS, requestHandover: true });
+    result = await fn();
     lock.assertHeld(); // the change was made under the lock (files: still within the lease)
-    return result;
   } finally {
     await lock.close();
   }
+  // The volume is gone: so is its lock object (a daemon still serving it reads nothing now).
+  if (o.removesVolume) await removeLockObject({ maps: store.maps, rados: store.rados }, id);
+  return result;
 }
 
 /** Who holds volume `name`'s lock, as the store says (null: nobody). */

@@ -10,6 +10,8 @@
  * root, cls_lock and watch/notify on the pool). A MemoryBlocker store gets
  * an in-memory lock shared by everyone using that blocker.
  */
+import fs from 'node:fs/promises';
+import path from 'node:path';
 import type { Blocker } from '../blockers/blocker.js';
 import { FileBlocker } from '../blockers/file.js';
 import { MemoryBlocker } from '../blockers/memory.js';
@@ -18,7 +20,8 @@ import type { RadosCluster } from '../blockers/rados/binding.js';
 import { FileLockBackend, type FileLockOptions } from './file-backend.js';
 import { MemoryLockBackend, MemoryLockTable, type MemoryLockOptions } from './memory-backend.js';
 import { RadosLockBackend, type RadosLockOptions } from './rados-backend.js';
-import { VOLUME_ID, type LockBackend } from './types.js';
+import { VOLUME_ID, lockObjectName, type LockBackend } from './types.js';
+import { LOCKS_DIR } from './file-dir.js';
 import { VolumeLock, type VolumeLockOptions } from './volume-lock.js';
 
 export * from './errors.js';
@@ -65,4 +68,21 @@ export function lockBackendFor(store: LockStore, volumeId: string, options: Lock
 /** A VolumeLock for `volumeId` on `store`. */
 export function createVolumeLock(store: LockStore, volumeId: string, options: VolumeLockOptions & { backend?: LockBackendOptions }): VolumeLock {
   return new VolumeLock(lockBackendFor(store, volumeId, options.backend), options);
+}
+
+/**
+ * Deletes the lock object of a removed volume (RADOS `lock.<id>`, files
+ * `locks/lock.<id>/`): call it after the volume is gone and its lock
+ * released, so that removing a volume leaves nothing behind. Absent: fine.
+ */
+export async function removeLockObject(store: LockStore, volumeId: string): Promise<void> {
+  if (!VOLUME_ID.test(volumeId)) throw new TypeError(`lock: volume id ${JSON.stringify(volumeId)} is not 16 lowercase hex digits`);
+  const maps = store.maps;
+  if (maps instanceof FileBlocker) {
+    await fs.rm(path.join(maps.root, LOCKS_DIR, lockObjectName(volumeId)), { recursive: true, force: true });
+  } else if (maps instanceof RadosBlocker) {
+    await maps.ioctx.remove(lockObjectName(volumeId)).catch((err: unknown) => {
+      if ((err as { errno?: number }).errno !== 2) throw err; // ENOENT: never locked
+    });
+  }
 }

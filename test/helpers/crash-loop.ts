@@ -289,7 +289,8 @@ class CrashLoop {
   }
 
   private startDaemon(): Promise<Daemon> {
-    return startDaemon(this.o.t, { store: this.o.store, extraArgs: ['--admin-socket', this.admin, '--metrics', ''] });
+    // A 4 s lock lease: each restart waits for the killed daemon's lease to run out (test.sh: RADOS watch timeout 5 s).
+    return startDaemon(this.o.t, { store: this.o.store, extraArgs: ['--admin-socket', this.admin, '--metrics', '', '--lock-lease', '4'] });
   }
 
   private async addWritable(name: string, model: SectorModel): Promise<Writable> {

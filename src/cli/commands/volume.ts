@@ -131,7 +131,7 @@ export const remove: CommandModule<object, Args<{ name: string }>> = {
   handler: async (a) => {
     validateVolumeName(a.name);
     await usingStore(a.store, async (s) => {
-      const r = await withVolumeLock(s, a.name, () => removeVolume(s.maps, a.name));
+      const r = await withVolumeLock(s, a.name, () => removeVolume(s.maps, a.name), { removesVolume: true });
       if (a.json) printJson({ name: a.name, ...r });
       else process.stdout.write(`removed volume ${a.name} (${r.removedObjects} objects deleted${r.objectsKeptBecause ? `; objects kept: ${r.objectsKeptBecause}` : ''})\n`);
     });
