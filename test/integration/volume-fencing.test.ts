@@ -10,6 +10,9 @@
  *   received meanwhile never lands, and it writes nothing more (files: its
  *   writes fail; RADOS: it is blocklisted and exits for systemd to restart).
  *
+ * - break-lock by an operator after the holder was killed (files: once its
+ *   lease ran out; RADOS: --force fences at once).
+ *
  * Files by default; with ARCHIPELAGO_TEST_BACKEND=rados on a cluster of
  * this test's own with osd_client_watch_timeout lowered to 5 s.
  */
@@ -132,4 +135,22 @@ t.test(`SIGSTOP of the owner past its lease: nothing it received lands after SIG
     t.match(a.stderr(), /lock of volume [0-9a-f]+ lost/, 'A logged the loss');
   }
   for (const d of [da, da2, db, dr]) await d.kill();
+});
+
+t.test(`break-lock: an operator breaks a killed daemon's lock (${TEST_BACKEND})`, async (t) => {
+  const url = await store(t);
+  t.equal((await cli(['create', 'v', '--size', '1M', '--object-size', '64K', '--store', url])).code, 0, 'create');
+  const a = await startDaemon(t, { store: url, extraArgs: daemonArgs('node-a') });
+  const da = await connect(t, a, 'v');
+  await writeFlushed(da, 0, Buffer.alloc(4 * KiB, 0x33));
+  await a.kill();
+  await da.kill();
+  const held = JSON.parse((await cli(['info', 'v', '--json', '--store', url])).stdout) as { lock: { node: string } | null };
+  t.equal(held.lock?.node, 'node-a', 'the killed daemon still holds the lock');
+  // Files wait for the lease to run out (a live lease is never broken); RADOS fences at once with --force.
+  const r = await cli(['break-lock', 'v', '--store', url, ...(TEST_BACKEND === 'rados' ? ['--force'] : [])], { timeoutMs: 60_000 });
+  t.equal(r.code, 0, `break-lock: ${r.stderr}`);
+  t.match(r.stdout, /broke the lock of volume v, held by node node-a/, 'it says whose lock it broke');
+  const after = JSON.parse((await cli(['info', 'v', '--json', '--store', url])).stdout) as { lock: unknown };
+  t.equal(after.lock, null, 'nobody holds it now');
 });
