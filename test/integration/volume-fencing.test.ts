@@ -1,6 +1,6 @@
 /**
  * A dead or paused lock owner, through real daemons and libnbd clients
- * (docs/locks.md "Daemons"):
+ * (docs/locks.md "In the daemon"):
  * - SIGKILL: the other daemon's write waits until the dead owner is fenced
  *   (files: its lease ran out; RADOS: its watch is gone, it is blocklisted),
  *   takes the lock over, and both the dead owner's flushed data and the new
@@ -8,8 +8,7 @@
  * - SIGSTOP past the lease (RADOS: past osd_client_watch_timeout), another
  *   daemon takes over and writes, SIGCONT: the write the paused owner had
  *   received meanwhile never lands, and it writes nothing more (files: its
- *   writes fail; RADOS: it is blocklisted and exits for systemd to restart).
- *
+ *   writes fail; RADOS: it is blocklisted and exits for systemd to restart);
  * - break-lock by an operator after the holder was killed (files: once its
  *   lease ran out; RADOS: --force fences at once).
  *
