@@ -5,7 +5,7 @@
  *   npm run build && node build/bench/nbd-memory.js [--rounds 3] [--runtime 5]
  */
 import path from 'node:path';
-import { compare, freePort, prefill, spawnServer, versionOf, waitForPort, type Target, type Workload, argValue, root } from './lib.js';
+import { argValue, compare, freePort, nbdFio, nbdPeer, prefill, root, spawnServer, versionOf, waitForPort, type Target, type Workload } from './lib.js';
 
 const rounds = Number(argValue('rounds', '3'));
 const runtime = Number(argValue('runtime', '5'));
@@ -14,32 +14,25 @@ const SIZE = '1G';
 const targets: Target[] = [
   {
     name: 'archipelago',
+    role: 'ours',
     async start() {
       const port = await freePort();
       const s = spawnServer(process.execPath, [path.join(root, 'build/test/helpers/serve.js'), '--port', String(port), '--memory', `disk:${SIZE}`]);
       await waitForPort(port);
-      await prefill(`nbd://127.0.0.1:${port}/disk`, '512m');
-      return { uri: `nbd://127.0.0.1:${port}/disk`, stop: s.stop };
+      const fio = nbdFio(`nbd://127.0.0.1:${port}/disk`);
+      await prefill(fio, '512m');
+      return { fio, pid: s.child.pid, stop: s.stop };
     },
   },
-  {
-    name: 'nbdkit-memory',
-    async start() {
-      const port = await freePort();
-      const s = spawnServer('nbdkit', ['-f', '-i', '127.0.0.1', '-p', String(port), 'memory', SIZE]);
-      await waitForPort(port);
-      await prefill(`nbd://127.0.0.1:${port}/`, '512m');
-      return { uri: `nbd://127.0.0.1:${port}/`, stop: s.stop };
-    },
-  },
+  nbdPeer('nbdkit-memory', '512m', 'nbdkit', (port) => ['-f', '-i', '127.0.0.1', '-p', String(port), 'memory', SIZE], ''),
 ];
 
-const common = ['--size=512m', '--direct=0'];
 const workloads: Workload[] = [
-  { name: '4k randread QD32', args: [...common, '--rw=randread', '--bs=4k', '--iodepth=32'], metric: 'iops' },
-  { name: '4k randwrite QD32', args: [...common, '--rw=randwrite', '--bs=4k', '--iodepth=32'], metric: 'iops' },
+  { name: '4k randread QD32', args: ['--rw=randread', '--bs=4k', '--iodepth=32'], metrics: ['iops'] },
+  { name: '4k randwrite QD32', args: ['--rw=randwrite', '--bs=4k', '--iodepth=32'], metrics: ['iops'] },
 ];
 
-const table = await compare('archipelago', targets, workloads, rounds, runtime);
+const c = await compare(targets, workloads, { rounds, runtimeSec: runtime, size: '512m' });
 console.log(`node ${process.version}; ${await versionOf('nbdkit', ['--version'])}; ${await versionOf('fio', ['--version'])}; ${rounds} rounds × ${runtime} s, medians\n`);
-console.log(table);
+console.log(c.table);
+console.log(c.cpuTable);

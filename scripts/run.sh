@@ -8,6 +8,10 @@ cd "$(dirname "$0")/.."
 bash scripts/check-node.sh
 [ -d node_modules ] || npm ci --no-audit --no-fund
 npm run build --silent
+# The file store's fast paths (native/fileio): optional, the store works without them.
+bash scripts/build-fileio.sh >/dev/null || echo "run: the file store's native fast paths were not built; serving without them" >&2
+# The libuv thread pool serves file I/O and fsync (docs/benchmarks.md).
+export UV_THREADPOOL_SIZE="${UV_THREADPOOL_SIZE:-16}"
 
 STORE="${ARCHIPELAGO_STORE:-file:$PWD/var/store}"
 LISTEN="${ARCHIPELAGO_LISTEN:-127.0.0.1:10809}"

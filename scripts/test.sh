@@ -13,6 +13,8 @@ bash scripts/install-deps.sh
 npm ci --no-audit --no-fund
 # The librados binding (native/rados), against the installed Node headers.
 bash scripts/build-rados.sh
+# The file store's fast paths (native/fileio; optional at run time, tested here).
+bash scripts/build-fileio.sh
 npm run build
 
 if [ "$#" -gt 0 ]; then

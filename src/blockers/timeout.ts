@@ -113,38 +113,41 @@ interface Deadline {
   expire: (() => void) | null;
 }
 
-/** Deadlines in arrival order, expired by one coarse interval. */
+/**
+ * Deadlines in arrival order (so in deadline order: one timeout for all),
+ * expired by one coarse interval. A call that settles leaves at once: held
+ * until its deadline, every call's record outlived the young generation and
+ * was promoted, and full GCs took a tenth of the daemon under 4 KiB reads.
+ */
 class DeadlineQueue {
-  #items: Deadline[] = [];
-  #head = 0;
+  /** A Set keeps insertion order and deletes in O(1). */
+  readonly #items = new Set<Deadline>();
   #timer: NodeJS.Timeout | null = null;
 
   constructor(private readonly tickMs: number) {}
 
   add(d: Deadline): void {
-    this.#items.push(d);
+    this.#items.add(d);
     this.#timer ??= setInterval(() => this.#tick(), this.tickMs);
+  }
+
+  /** The call settled: its deadline is dropped. */
+  delete(d: Deadline): void {
+    this.#items.delete(d);
   }
 
   #tick(): void {
     const now = performance.now();
-    const items = this.#items;
-    while (this.#head < items.length) {
-      const d = items[this.#head]!;
-      if (d.expire !== null && d.at > now) break;
-      this.#head++;
+    for (const d of this.#items) {
+      if (d.at > now) break;
+      this.#items.delete(d);
       const expire = d.expire;
       d.expire = null;
       expire?.();
     }
-    if (this.#head === items.length) {
-      this.#items = [];
-      this.#head = 0;
+    if (this.#items.size === 0) {
       clearInterval(this.#timer!);
       this.#timer = null;
-    } else if (this.#head > 1024 && this.#head * 2 > items.length) {
-      this.#items = items.slice(this.#head);
-      this.#head = 0;
     }
   }
 }
@@ -228,7 +231,8 @@ export class TimeoutBlocker implements Blocker {
         this.#lateOp(op, name, mutates, bytes, issued);
         reject(new BlockerError('ETIMEDOUT', op, name, `no answer from the ${this.inner.kind} store within ${this.#ms} ms`));
       };
-      this.#queue.add(d);
+      const queue = this.#queue;
+      queue.add(d);
       const start = () => {
         if (d.expire === null) return; // expired at the fence: never issued
         let p: Promise<T>;
@@ -239,8 +243,8 @@ export class TimeoutBlocker implements Blocker {
         }
         issued = p;
         p.then(
-          (v) => { if (d.expire !== null) { d.expire = null; resolve(v); } },
-          (e: unknown) => { if (d.expire !== null) { d.expire = null; reject(e); } });
+          (v) => { if (d.expire !== null) { d.expire = null; queue.delete(d); resolve(v); } },
+          (e: unknown) => { if (d.expire !== null) { d.expire = null; queue.delete(d); reject(e); } });
       };
       if (fenced && this.#fences.has(name)) {
         this.#stats.fenceWaits++;

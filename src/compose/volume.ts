@@ -39,6 +39,7 @@ import { splitRange, type ObjectExtent } from './extents.js';
 import { ObjectGates } from './gates.js';
 import { ComposeError, composeError } from './errors.js';
 import { HOLE_ZERO, type Extent, type ReadPiece, type ZeroOptions } from './types.js';
+import { readBuffers } from '../common/buffer-pool.js';
 
 /** Counters for metrics and tests. */
 export interface VolumeStats {
@@ -102,7 +103,8 @@ export class Volume {
       const entry = this.map.lookup(e.index) ?? await this.map.lookupAsync(e.index);
       if (entry === ENTRY_ABSENT) return { offset: at, length: e.length };
       const name = this.map.objectName(entry, e.index);
-      const buf = Buffer.allocUnsafe(e.length);
+      // Pooled (common/buffer-pool.ts): the NBD layer gives it back once sent; on failure it is never reused.
+      const buf = readBuffers.take(e.length);
       let n: number;
       try {
         n = await this.data.read(name, e.offset, e.length, buf);

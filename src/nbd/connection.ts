@@ -15,6 +15,7 @@ import { NbdProtocolError, describeError } from './errors.js';
 import type { ExportProvider } from './export.js';
 import { negotiate, type HandshakeIO, type HandshakeLimits, type Negotiated } from './handshake.js';
 import { Transmission, type RequestObserver, type TransmissionLimits } from './transmission.js';
+import { readIntoBuffer } from './socket-reads.js';
 import { NbdTlsError, type NbdTls, type TlsPeer } from './tls.js';
 import type { Logger } from '../common/log.js';
 
@@ -72,6 +73,11 @@ const END_GRACE_MS = 5000;
 
 /** Bytes a client may send ahead during the handshake before we stop reading. */
 const HANDSHAKE_READAHEAD = 256 * 1024;
+/**
+ * The buffer a plain socket reads into during transmission (socket-reads.ts):
+ * a 1 MiB WRITE arrives in four reads; 64 connections hold 16 MiB of them.
+ */
+const READ_BUFFER_BYTES = 256 * 1024;
 
 export class Connection implements HandshakeIO {
   status = Status.Handshake;
@@ -256,6 +262,12 @@ export class Connection implements HandshakeIO {
     this.chunks = [];
     this.buffered = 0;
     for (const c of rest) t.onData(c);
+    // Plain sockets read into one reused buffer from now on (socket-reads.ts);
+    // bytes the socket buffered before still come as 'data', first.
+    readIntoBuffer(this.socket, Buffer.allocUnsafeSlow(READ_BUFFER_BYTES), (chunk) => {
+      t.onData(chunk, true);
+      return true;
+    });
     this.socket.resume();
   }
 

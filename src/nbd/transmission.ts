@@ -8,10 +8,14 @@
  *
  * Requests run concurrently and reply in any order, the cookie echoed as
  * received. A WRITE payload that lies inside one socket chunk is passed on as a
- * view (no copy); one that spans chunks is gathered into one buffer. Memory is
- * bounded: when bytes in flight (payloads held + reads pending + unsent reply
- * bytes) or requests in flight pass their caps, the socket is paused until
- * replies drain.
+ * view (no copy); one that spans chunks is gathered into a buffer from the
+ * payload pool (common/buffer-pool.ts), given back once the write succeeded;
+ * READ data from the shared read-buffer pool goes back once sent. Memory
+ * is bounded: when this connection's bytes in flight (payloads held + reads
+ * pending + unsent reply bytes) or requests in flight pass their caps, or the
+ * process-wide budget is exhausted (inflight-budget.ts), the socket is paused
+ * at the next request header until replies drain. The payload of a WRITE
+ * whose header was taken is always read: its bytes are counted already.
  *
  * Validation happens here, once (STYLE habit 4): layers below assert.
  */
@@ -30,6 +34,8 @@ import {
 import type { Negotiated } from './handshake.js';
 import { BASE_ALLOCATION_ID } from './handshake.js';
 import type { Logger } from '../common/log.js';
+import { BufferPool, readBuffers } from '../common/buffer-pool.js';
+import { processInflightBudget, type InflightBudget } from './inflight-budget.js';
 
 export interface TransmissionLimits {
   /** Largest WRITE payload and READ length accepted (the spec's interoperable default). */
@@ -38,6 +44,8 @@ export interface TransmissionLimits {
   maxInflightBytes: number;
   /** Pause reading when this many requests are in flight. */
   maxInflightRequests: number;
+  /** Bytes in flight over all connections (default: the process-wide budget, inflight-budget.ts). */
+  budget?: InflightBudget;
 }
 
 export const DEFAULT_TRANSMISSION_LIMITS: TransmissionLimits = {
@@ -48,7 +56,8 @@ export const DEFAULT_TRANSMISSION_LIMITS: TransmissionLimits = {
 
 /** What transmission needs of the socket. */
 export interface ReplySink {
-  write(data: Buffer): boolean;
+  /** `done` is called once the data was handed to the kernel (or the write failed). */
+  write(data: Buffer, done?: (err?: Error | null) => void): boolean;
   cork(): void;
   uncork(): void;
   readonly destroyed: boolean;
@@ -70,6 +79,12 @@ export type RequestObserver = (cmd: number, bytes: number, error: number, startN
 
 const enum ParseState { Header, Payload, Discard, Stopped }
 
+/** Buffers for WRITE payloads gathered from several chunks, shared by every connection. */
+const payloadPool = new BufferPool();
+
+/** READ data from this size on goes back to the pool by its own write callback. */
+const LARGE_READ = 64 * 1024;
+
 /** Zeros for holes in simple replies, shared and never written to. */
 const ZEROS = Buffer.alloc(1024 * 1024);
 
@@ -83,6 +98,7 @@ export class Transmission {
   /** The request whose payload is being gathered or discarded. */
   private pending: RequestHeader | null = null;
   private pendingError = 0;
+  /** The payload being gathered, from payloadPool. */
   private payload: Buffer | null = null;
   private payloadFill = 0;
   private discardLeft = 0;
@@ -93,10 +109,13 @@ export class Transmission {
   /** Bytes received while paused (already read from the kernel), parsed on resume. */
   private backlog: Buffer[] = [];
   private corked = false;
+  /** Small pooled READ buffers written since the socket was corked (uncorkNow gives them back). */
+  private sentSmall: Buffer[] = [];
   private stopping = false;
   private idleWaiters: Array<() => void> = [];
 
   private readonly exp: Export;
+  private readonly budget: InflightBudget;
   private readonly flags: number;
   private readonly structured: boolean;
   private readonly baseAllocation: boolean;
@@ -111,6 +130,7 @@ export class Transmission {
     private readonly onFinish: (reason: string, protocolError: boolean) => void,
   ) {
     this.exp = negotiated.export;
+    this.budget = limits.budget ?? processInflightBudget;
     this.flags = negotiated.transmissionFlags;
     this.structured = negotiated.structuredReplies;
     this.baseAllocation = negotiated.baseAllocation;
@@ -120,15 +140,21 @@ export class Transmission {
     return this.inflightRequests;
   }
 
-  /** Feeds bytes from the socket. */
-  onData(chunk: Buffer): void {
+  /**
+   * Feeds bytes from the socket. `transient`: the chunk is a view of a
+   * buffer the socket reuses once we return (socket-reads.ts), so nothing
+   * may keep a view of it: payloads and backlog are copied.
+   */
+  onData(chunk: Buffer, transient = false): void {
     let pos = 0;
     const len = chunk.length;
     while (pos < len) {
-      if (this.paused && this.state !== ParseState.Stopped) {
+      if (this.paused && this.state === ParseState.Header) {
         // Over the caps: start no more requests until replies drain, even
         // from bytes already received (one chunk can hold thousands of headers).
-        this.backlog.push(pos === 0 ? chunk : chunk.subarray(pos));
+        // Only at a header: a payload being read or discarded is finished first.
+        const rest = pos === 0 ? chunk : chunk.subarray(pos);
+        this.backlog.push(transient ? Buffer.from(rest) : rest);
         this.sink.pause();
         return;
       }
@@ -152,16 +178,16 @@ export class Transmission {
         }
         case ParseState.Payload: {
           const req = this.pending!;
-          if (this.payload === null && len - pos >= req.length) {
+          if (this.payload === null && len - pos >= req.length && !transient) {
             // Whole payload inside this chunk: hand out a view, no copy.
             const data = chunk.subarray(pos, pos + req.length);
             pos += req.length;
             this.state = ParseState.Header;
             this.pending = null;
-            this.startWrite(req, data);
+            this.startWrite(req, data, false);
           } else {
             if (this.payload === null) {
-              this.payload = Buffer.allocUnsafe(req.length);
+              this.payload = payloadPool.take(req.length);
               this.payloadFill = 0;
             }
             const n = Math.min(req.length - this.payloadFill, len - pos);
@@ -173,7 +199,7 @@ export class Transmission {
               this.payload = null;
               this.state = ParseState.Header;
               this.pending = null;
-              this.startWrite(req, data);
+              this.startWrite(req, data, true);
             }
           }
           break;
@@ -210,8 +236,10 @@ export class Transmission {
     const req = this.state === ParseState.Payload ? this.pending : null;
     this.state = ParseState.Stopped;
     this.pending = null;
+    if (this.payload !== null) payloadPool.give(this.payload); // never handed to the export
     this.payload = null;
     this.backlog = [];
+    this.budget.forget(this);
     if (req) this.done(req.length);
   }
 
@@ -323,6 +351,7 @@ export class Transmission {
   private inflight(bytes: number): void {
     this.inflightRequests++;
     this.inflightBytes += bytes;
+    this.budget.take(bytes);
     this.checkPressure();
   }
 
@@ -330,6 +359,9 @@ export class Transmission {
     this.inflightRequests--;
     this.inflightBytes -= bytes;
     this.checkPressure();
+    // After our own check: the budget may wake other connections, whose
+    // requests then get the room first if we paused.
+    this.budget.release(bytes);
     if (this.inflightRequests === 0 && this.idleWaiters.length) {
       const w = this.idleWaiters;
       this.idleWaiters = [];
@@ -337,14 +369,25 @@ export class Transmission {
     }
   }
 
-  /** Pauses the socket above the caps; resumes below half of them. Also called on 'drain'. */
+  /**
+   * Pauses the socket above this connection's caps, or when the process
+   * budget is exhausted and this connection holds something; resumes below
+   * half of its caps once the budget has room (or it holds nothing). Called
+   * on every request's start and end, on 'drain', and by the budget.
+   */
   checkPressure(): void {
     const bytes = this.inflightBytes + this.sink.writableLength;
+    const starved = this.budget.exhausted && this.inflightBytes > 0;
     if (!this.paused) {
-      if (bytes > this.limits.maxInflightBytes || this.inflightRequests >= this.limits.maxInflightRequests) {
+      if (bytes > this.limits.maxInflightBytes || this.inflightRequests >= this.limits.maxInflightRequests || starved) {
         this.paused = true;
-        this.sink.pause();
+        // A payload being read is read to its end first: onData pauses the
+        // socket at the next header (a WRITE's own header gets us here).
+        if (this.state === ParseState.Header) this.sink.pause();
+        if (starved) this.budget.wait(this);
       }
+    } else if (starved) {
+      this.budget.wait(this);
     } else if (bytes <= this.limits.maxInflightBytes / 2 && this.inflightRequests < this.limits.maxInflightRequests / 2) {
       this.paused = false;
       if (this.state !== ParseState.Stopped) {
@@ -356,11 +399,18 @@ export class Transmission {
     }
   }
 
-  private startWrite(h: RequestHeader, data: Buffer): void {
+  /** `pooled`: `data` came from payloadPool and goes back once the write succeeded. */
+  private startWrite(h: RequestHeader, data: Buffer, pooled: boolean): void {
     const start = this.observer ? process.hrtime.bigint() : 0n;
     // inflight() was counted when the header arrived.
     this.exp.write(h.offset, data, (h.flags & NBD_CMD_FLAG_FUA) !== 0).then(
-      () => { this.replyOk(h); this.finish(h, data.length, 0, start); },
+      () => {
+        // Resolved: the export holds no reference (Export.write's contract).
+        if (pooled) payloadPool.give(data);
+        this.replyOk(h);
+        this.finish(h, data.length, 0, start);
+      },
+      // Failed: never reused, part of it may still be in use (common/buffer-pool.ts).
       (err) => { this.finish(h, data.length, this.replyFailure(h, err), start); },
     );
   }
@@ -437,6 +487,27 @@ export class Transmission {
   uncorkNow(): void {
     this.corked = false;
     if (!this.sink.destroyed) this.sink.uncork();
+    if (this.sentSmall.length === 0) return;
+    // Nothing left unsent: the writev reached the kernel within uncork(), so
+    // the small READ buffers of this batch are free again. Otherwise part of
+    // the batch waits in the socket: those buffers are left to the GC.
+    if (!this.sink.destroyed && this.sink.writableLength === 0) for (const b of this.sentSmall) readBuffers.give(b);
+    this.sentSmall = [];
+  }
+
+  /**
+   * Sends READ data. A buffer from the shared read pool goes back to it once
+   * the socket has written it: a large one by its write callback, small ones
+   * together after the batch's writev (uncorkNow) — a callback per 4 KiB
+   * reply cost more than the buffer it saved.
+   */
+  private writeData(s: ReplySink, data: Buffer): void {
+    if (data.length < readBuffers.minPooled) s.write(data);
+    else if (data.length >= LARGE_READ) s.write(data, () => readBuffers.give(data));
+    else {
+      s.write(data);
+      this.sentSmall.push(data);
+    }
   }
 
   private replyOk(h: RequestHeader): void {
@@ -473,7 +544,7 @@ export class Transmission {
     if (!this.structured) {
       s.write(encodeSimpleReply(0, h.cookieHi, h.cookieLo));
       for (const p of pieces) {
-        if (p.data) s.write(p.data);
+        if (p.data) this.writeData(s, p.data);
         else writeZeros(s, p.length);
       }
       return;
@@ -490,7 +561,7 @@ export class Transmission {
       const flags = i === last ? NBD_REPLY_FLAG_DONE : 0;
       if (p.data) {
         s.write(encodeOffsetDataHeader(flags, h.cookieHi, h.cookieLo, p.offset, p.length));
-        s.write(p.data);
+        this.writeData(s, p.data);
       } else if (h.flags & NBD_CMD_FLAG_DF) {
         s.write(encodeOffsetDataHeader(flags, h.cookieHi, h.cookieLo, p.offset, p.length));
         writeZeros(s, p.length);

@@ -438,3 +438,42 @@ t.test('Transmission parses a stream split at every byte offset', async (t) => {
   const bytes = [...stream].map((_, i) => stream.subarray(i, i + 1));
   t.same((await run(bytes)).out, whole.out, 'one byte at a time');
 });
+
+t.test('transient chunks (a socket buffer reused after each read): payloads and backlog are copied', async (t) => {
+  // The export looks at WRITE data only after a delay, as a real store does.
+  class LateExport extends MemoryExport {
+    override async write(offset: number, data: Buffer): Promise<void> {
+      await sleep(5);
+      this.store.write(offset, data);
+    }
+  }
+  const writes = Array.from({ length: 40 }, (_, i) => ({ offset: i * 128 * KiB, data: rand(i % 3 === 0 ? 70 * KiB : 4 * KiB) }));
+  const stream = Buffer.concat(writes.flatMap((w, i) => [requestHeader({ type: CMD.WRITE, cookie: BigInt(i + 1), offset: w.offset, length: w.data.length }), w.data]));
+  for (const limits of [DEFAULT_TRANSMISSION_LIMITS, { ...DEFAULT_TRANSMISSION_LIMITS, maxInflightRequests: 2 }]) {
+    const replies: Buffer[] = [];
+    let paused = false;
+    const sink: ReplySink = {
+      write: (d) => { replies.push(Buffer.from(d)); return true; },
+      cork: () => {}, uncork: () => {}, destroyed: false, writableLength: 0, pause: () => { paused = true; }, resume: () => { paused = false; },
+    };
+    const store = new MemoryStore(SIZE);
+    const tr = new Transmission(sink, { export: new LateExport('disk', store), transmissionFlags: TF.HAS_FLAGS | TF.SEND_FLUSH, structuredReplies: false, baseAllocation: false },
+      limits, silentLogger, () => {});
+    // One reused 64 KiB buffer, scribbled over after every call, as the socket reuses it.
+    const reused = Buffer.alloc(64 * KiB);
+    let sawPause = false;
+    for (let pos = 0; pos < stream.length;) {
+      while (paused) await sleep(1);
+      const n = stream.copy(reused, 0, pos, Math.min(stream.length, pos + reused.length));
+      tr.onData(reused.subarray(0, n), true);
+      sawPause ||= paused;
+      reused.fill(0xee);
+      pos += n;
+    }
+    await tr.idle();
+    const bad = writes.filter((w) => !store.bytes(w.offset, w.data.length).equals(w.data));
+    t.equal(bad.length, 0, `every write landed intact (max ${limits.maxInflightRequests} in flight${sawPause ? ', paused with a backlog' : ''})`);
+    t.equal(replies.length, writes.length, 'a reply per write');
+    if (limits.maxInflightRequests === 2) t.ok(sawPause, 'the small cap paused the parser: the backlog path ran');
+  }
+});
