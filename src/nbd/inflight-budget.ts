@@ -66,8 +66,14 @@ export class InflightBudget {
   }
 }
 
-/** The default: 16 MiB over all connections (docs/benchmarks.md, memory). */
+/** The intended default: 16 MiB over all connections (docs/benchmarks.md, memory). */
 export const DEFAULT_INFLIGHT_BUDGET_BYTES = 16 * 1024 * 1024;
 
-/** The budget shared by every connection of the process unless a server is given its own. */
-export const processInflightBudget = new InflightBudget(DEFAULT_INFLIGHT_BUDGET_BYTES);
+/**
+ * The budget shared by every connection of the process unless a server is
+ * given its own. OFF (no limit) for now: with the 16 MiB default, the RADOS
+ * fault test (an OSD paused past op_timeout, then resumed) saw every later
+ * write time out until the connection closed; not yet understood
+ * (docs/benchmarks.md, memory). Per-connection caps still apply.
+ */
+export const processInflightBudget = new InflightBudget(Infinity);
