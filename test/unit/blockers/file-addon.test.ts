@@ -33,7 +33,8 @@ async function makeFixture(options: FileBlockerOptions = {}) {
 await blockerConformance(t, 'file, plain fs (no addon)', () => makeFixture({ addon: null }));
 if (addon) await blockerConformance(t, 'file, with the addon', () => makeFixture({ addon }));
 
-t.test('addon: readNowait and writeBatch against fs', { skip: addon === null ? 'addon not built' : false }, async (t) => {
+t.test('addon: readNowait and writeBatch against fs', async (t) => {
+  if (addon === null) { t.fail('the addon is not built: run scripts/build-fileio.sh'); return; }
   const a = addon!;
   const dir = await fs.mkdtemp(path.join(os.tmpdir(), 'arch-file-addon-io-'));
   t.teardown(() => fs.rm(dir, { recursive: true, force: true }));
@@ -61,7 +62,8 @@ t.test('addon: readNowait and writeBatch against fs', { skip: addon === null ? '
   t.same(await a.writeBatch([fd, ro], [data.subarray(0, 10), data.subarray(0, 10)], [0, 0]), [0, -9], 'a failed write reports its errno (EBADF), the others succeed');
 });
 
-t.test('WriteBatcher: one pool job per loop turn, per-write results', { skip: addon === null ? 'addon not built' : false }, async (t) => {
+t.test('WriteBatcher: one pool job per loop turn, per-write results', async (t) => {
+  if (addon === null) { t.fail('the addon is not built: run scripts/build-fileio.sh'); return; }
   let jobs = 0;
   const counting: FileAddon = {
     readNowait: addon!.readNowait,
