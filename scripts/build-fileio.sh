@@ -12,9 +12,9 @@
 # newer than every source, unless --force.
 set -euo pipefail
 
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-SRC=$ROOT/native/fileio
-OUT=$SRC/build/Release/archipelago_fileio.node
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=lib/addon-build.sh
+source "$HERE/lib/addon-build.sh"
 
 force=0
 for arg in "$@"; do
@@ -25,31 +25,4 @@ for arg in "$@"; do
   esac
 done
 
-# node-gyp would otherwise download Node's headers from nodejs.org; an N-API
-# addon builds against any recent Node's headers, so use the installed ones.
-export npm_config_nodedir=/usr
-if [[ ! -f $npm_config_nodedir/include/node/node_api.h ]]; then
-  echo "build-fileio: $npm_config_nodedir/include/node/node_api.h is missing: install Node's headers" \
-       "(the nodejs package ships them in /usr/include/node)" >&2
-  exit 1
-fi
-if [[ ! -d $ROOT/node_modules/node-gyp ]]; then
-  echo "build-fileio: node_modules/node-gyp is missing: run npm install first" >&2
-  exit 1
-fi
-
-if [[ $force == 0 && -f $OUT ]]; then
-  newer=$(find "$SRC/binding.gyp" "$SRC/src" -newer "$OUT" -print -quit)
-  if [[ -z $newer ]]; then
-    echo "build-fileio: up to date: $OUT"
-    exit 0
-  fi
-fi
-
-cd "$ROOT"
-node "$ROOT/node_modules/node-gyp/bin/node-gyp.js" rebuild -C native/fileio --jobs max
-if [[ ! -f $OUT ]]; then
-  echo "build-fileio: node-gyp finished but $OUT was not produced" >&2
-  exit 1
-fi
-echo "build-fileio: built $OUT"
+build_addon build-fileio native/fileio build/Release/archipelago_fileio.node "$force" node-gyp
