@@ -90,10 +90,13 @@ function classOf(length: number): number {
   return Math.max(MIN_CLASS_LOG2, Math.ceil(Math.log2(Math.max(1, length))));
 }
 
+/** Free READ buffers kept: as many bytes as the NBD layer's in-flight budget (nbd/inflight-budget.ts) lets be read at once. */
+const READ_POOL_FREE_BYTES = 32 * 1024 * 1024;
+
 /**
  * READ buffers, shared by the composer (which fills them) and the NBD layer
  * (which gives them back after sending): one pool per process. A fresh 4 KiB
  * buffer per read is a new ArrayBuffer (too large for Node's slab), and their
  * churn drove frequent full GCs under random reads.
  */
-export const readBuffers = new BufferPool();
+export const readBuffers = new BufferPool({ maxFreeBytes: READ_POOL_FREE_BYTES });

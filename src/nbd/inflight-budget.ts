@@ -1,79 +1,106 @@
 /**
- * The bytes in flight over every connection of the process: request
- * payloads held and read replies pending (transmission.ts counts them).
+ * The bytes in flight over every connection of the process: the payloads
+ * of WRITEs and the data of READs, from the moment a request is admitted
+ * until its reply is queued (transmission.ts).
  *
  * Why: each connection has its own caps, but 64 connections each within a
  * generous cap can still hold gigabytes; the resident set must stay bounded
- * whatever the number of clients. When the total passes `limit`, every
- * connection that holds something pauses reading at its next request
- * header; as bytes drain, paused connections resume in the order they
- * paused (first in, first out), so none is starved by a busier one.
+ * whatever the number of clients.
  *
- * Progress: a connection with nothing in flight may always take one more
- * request, however large, so no connection waits forever for the others;
- * and a request whose header was taken always gets its payload read (its
- * bytes are counted already), so the budget never deadlocks on half-read
- * writes. The total can therefore pass `limit` by at most one request per
- * connection.
+ * Admission, at the request header, before a WRITE's payload is read (it
+ * stays in the kernel's socket buffer meanwhile): a request is admitted when
+ * its bytes fit under `limit`, or when nothing at all is in flight (so a
+ * request larger than the whole budget still runs, alone). Otherwise its
+ * connection stops reading and queues; as bytes are released, queued
+ * requests are admitted strictly in the order they queued (first in, first
+ * out), so a large request is never overtaken forever by small ones and a
+ * busy connection cannot starve a quiet one. The total therefore never
+ * passes max(limit, the largest request).
+ *
+ * No deadlock: a queued connection holds nothing of the budget for the
+ * request it waits with, and every admitted request ends (its reply is
+ * queued, or it fails, or the backend's timeout fails it), releasing bytes.
  */
 
-/** A paused connection waiting for the budget. */
+/** A connection waiting for the budget with one request. */
 export interface BudgetWaiter {
-  /** Re-checks its caps; called when bytes were released and the budget is under its limit. */
-  checkPressure(): void;
+  /** Called once `bytes` were taken for it: it goes on with that request. */
+  admitted(bytes: number): void;
 }
 
 export class InflightBudget {
   #used = 0;
-  /** Paused connections, oldest first (a Set keeps insertion order and holds each once). */
-  readonly #waiters = new Set<BudgetWaiter>();
+  /** Queued requests, oldest first. */
+  #queue: Array<{ waiter: BudgetWaiter; bytes: number }> = [];
+  #head = 0;
 
-  constructor(readonly limit: number) {}
+  /** `limit`: bytes in flight over which requests wait (Infinity: no limit). */
+  constructor(readonly limit: number) {
+    if (!(limit > 0)) throw new RangeError(`in-flight budget must be positive, got ${limit}`);
+  }
 
   /** Bytes in flight now. */
   get used(): number {
     return this.#used;
   }
 
-  /** True when no connection that holds bytes may take another request. */
-  get exhausted(): boolean {
-    return this.#used > this.limit;
+  /** Requests waiting now. */
+  get waiting(): number {
+    return this.#queue.length - this.#head;
   }
 
-  take(bytes: number): void {
+  /**
+   * Takes `bytes` for a request when it may start now: nobody queued before
+   * it, and it fits (or nothing is in flight). Otherwise takes nothing and
+   * returns false; the caller then queues with wait().
+   */
+  tryTake(bytes: number): boolean {
+    if (this.waiting > 0 || !this.#fits(bytes)) return false;
     this.#used += bytes;
+    return true;
   }
 
-  /** Releases bytes; wakes paused connections in order while the budget has room. */
+  /** Queues a request that tryTake() refused; `w.admitted()` is called once its bytes are taken. */
+  wait(w: BudgetWaiter, bytes: number): void {
+    this.#queue.push({ waiter: w, bytes });
+  }
+
+  /** Releases the bytes of a request that ended; admits queued requests, in order, while they fit. */
   release(bytes: number): void {
     this.#used -= bytes;
-    if (this.#waiters.size === 0 || this.exhausted) return;
-    for (const w of this.#waiters) {
-      if (this.exhausted) break;
-      this.#waiters.delete(w);
-      w.checkPressure();
-    }
+    this.#admit();
   }
 
-  /** Queues a connection paused for the budget (at most once; keeps its place). */
-  wait(w: BudgetWaiter): void {
-    this.#waiters.add(w);
-  }
-
-  /** A connection that ended no longer waits. */
+  /** A connection that ended no longer waits (its queued request is dropped). */
   forget(w: BudgetWaiter): void {
-    this.#waiters.delete(w);
+    const before = this.waiting;
+    this.#queue = this.#queue.slice(this.#head).filter((q) => q.waiter !== w);
+    this.#head = 0;
+    // The head of the queue may have been the one blocking the others.
+    if (this.waiting !== before) this.#admit();
+  }
+
+  #fits(bytes: number): boolean {
+    return this.#used === 0 || this.#used + bytes <= this.limit;
+  }
+
+  #admit(): void {
+    while (this.#head < this.#queue.length) {
+      const q = this.#queue[this.#head]!;
+      if (!this.#fits(q.bytes)) break;
+      this.#used += q.bytes;
+      this.#queue[this.#head++] = undefined as never; // let it go before the callback runs
+      if (this.#head === this.#queue.length) {
+        this.#queue = [];
+        this.#head = 0;
+      }
+      q.waiter.admitted(q.bytes);
+    }
   }
 }
 
-/** The intended default: 16 MiB over all connections (docs/benchmarks.md, memory). */
-export const DEFAULT_INFLIGHT_BUDGET_BYTES = 16 * 1024 * 1024;
+/** The default: 32 MiB over all connections (docs/benchmarks.md, memory). */
+export const DEFAULT_INFLIGHT_BUDGET_BYTES = 32 * 1024 * 1024;
 
-/**
- * The budget shared by every connection of the process unless a server is
- * given its own. OFF (no limit) for now: with the 16 MiB default, the RADOS
- * fault test (an OSD paused past op_timeout, then resumed) saw every later
- * write time out until the connection closed; not yet understood
- * (docs/benchmarks.md, memory). Per-connection caps still apply.
- */
-export const processInflightBudget = new InflightBudget(Infinity);
+/** The budget shared by every connection of the process unless a server is given its own. */
+export const processInflightBudget = new InflightBudget(DEFAULT_INFLIGHT_BUDGET_BYTES);

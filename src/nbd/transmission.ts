@@ -11,11 +11,12 @@
  * view (no copy); one that spans chunks is gathered into a buffer from the
  * payload pool (common/buffer-pool.ts), given back once the write succeeded;
  * READ data from the shared read-buffer pool goes back once sent. Memory
- * is bounded: when this connection's bytes in flight (payloads held + reads
- * pending + unsent reply bytes) or requests in flight pass their caps, or the
- * process-wide budget is exhausted (inflight-budget.ts), the socket is paused
- * at the next request header until replies drain. The payload of a WRITE
- * whose header was taken is always read: its bytes are counted already.
+ * is bounded twice: a READ or WRITE starts only once the process-wide budget
+ * admits its bytes (inflight-budget.ts); until then the connection reads
+ * nothing more, a WRITE's payload included (it waits in the kernel). And
+ * when this connection's bytes in flight (payloads held + reads pending +
+ * unsent reply bytes) or requests in flight pass their caps, the socket is
+ * paused at the next request header until replies drain.
  *
  * Validation happens here, once (STYLE habit 4): layers below assert.
  */
@@ -35,7 +36,7 @@ import type { Negotiated } from './handshake.js';
 import { BASE_ALLOCATION_ID } from './handshake.js';
 import type { Logger } from '../common/log.js';
 import { BufferPool, readBuffers } from '../common/buffer-pool.js';
-import { processInflightBudget, type InflightBudget } from './inflight-budget.js';
+import { DEFAULT_INFLIGHT_BUDGET_BYTES, processInflightBudget, type InflightBudget } from './inflight-budget.js';
 
 export interface TransmissionLimits {
   /** Largest WRITE payload and READ length accepted (the spec's interoperable default). */
@@ -77,10 +78,16 @@ export interface ReplySink {
  */
 export type RequestObserver = (cmd: number, bytes: number, error: number, startNs: bigint) => void;
 
-const enum ParseState { Header, Payload, Discard, Stopped }
+/** Admission: a READ or WRITE header was taken and waits for the budget (`pending`). */
+const enum ParseState { Header, Admission, Payload, Discard, Stopped }
 
-/** Buffers for WRITE payloads gathered from several chunks, shared by every connection. */
-const payloadPool = new BufferPool();
+/**
+ * Buffers for WRITE payloads, shared by every connection. It keeps as many
+ * free bytes as the budget lets be in flight: under a steady load of large
+ * writes every buffer is then reused, none dropped to the garbage collector
+ * (dropped 1 MiB buffers piled up as external memory between collections).
+ */
+const payloadPool = new BufferPool({ maxFreeBytes: DEFAULT_INFLIGHT_BUDGET_BYTES });
 
 /** READ data from this size on goes back to the pool by its own write callback. */
 const LARGE_READ = 64 * 1024;
@@ -95,7 +102,7 @@ export class Transmission {
   private state = ParseState.Header;
   private readonly header = Buffer.allocUnsafe(REQUEST_HEADER_LENGTH);
   private headerFill = 0;
-  /** The request whose payload is being gathered or discarded. */
+  /** The request waiting for admission, or whose payload is being gathered or discarded. */
   private pending: RequestHeader | null = null;
   private pendingError = 0;
   /** The payload being gathered, from payloadPool. */
@@ -149,10 +156,11 @@ export class Transmission {
     let pos = 0;
     const len = chunk.length;
     while (pos < len) {
-      if (this.paused && this.state === ParseState.Header) {
+      if ((this.paused && this.state === ParseState.Header) || this.state === ParseState.Admission) {
         // Over the caps: start no more requests until replies drain, even
         // from bytes already received (one chunk can hold thousands of headers).
         // Only at a header: a payload being read or discarded is finished first.
+        // Waiting for the budget: not even this request's payload is taken.
         const rest = pos === 0 ? chunk : chunk.subarray(pos);
         this.backlog.push(transient ? Buffer.from(rest) : rest);
         this.sink.pause();
@@ -216,7 +224,7 @@ export class Transmission {
           }
           break;
         }
-        case ParseState.Stopped:
+        case ParseState.Stopped: // (Admission: handled above)
           return;
       }
     }
@@ -234,12 +242,12 @@ export class Transmission {
    */
   abandon(): void {
     const req = this.state === ParseState.Payload ? this.pending : null;
+    if (this.state === ParseState.Admission) this.budget.forget(this); // admitted nothing yet
     this.state = ParseState.Stopped;
     this.pending = null;
     if (this.payload !== null) payloadPool.give(this.payload); // never handed to the export
     this.payload = null;
     this.backlog = [];
-    this.budget.forget(this);
     if (req) this.done(req.length);
   }
 
@@ -276,16 +284,53 @@ export class Transmission {
         this.state = ParseState.Discard;
         return;
       }
-      this.pending = h;
-      this.state = ParseState.Payload;
-      this.inflight(h.length);
+      this.admit(h);
       return;
     }
     if (error !== 0) {
       this.reject(h, error);
       return;
     }
-    this.execute(h);
+    if (h.type === NBD_CMD.READ) this.admit(h);
+    else this.execute(h);
+  }
+
+  /** Starts a valid READ or WRITE once the budget has room for its bytes. */
+  private admit(h: RequestHeader): void {
+    if (this.budget.tryTake(h.length)) {
+      this.start(h);
+      return;
+    }
+    this.pending = h;
+    this.state = ParseState.Admission;
+    this.sink.pause();
+    this.budget.wait(this, h.length);
+  }
+
+  /** @internal The budget took the bytes of the request we waited with (BudgetWaiter). */
+  admitted(bytes: number): void {
+    if (this.state !== ParseState.Admission) {
+      // Not waiting any more (abandon() forgets us first, so this should not
+      // happen): give the bytes back rather than leak them.
+      this.budget.release(bytes);
+      return;
+    }
+    const h = this.pending!;
+    this.pending = null;
+    this.state = ParseState.Header;
+    this.start(h);
+    this.replayBacklog();
+  }
+
+  /** A READ or WRITE whose bytes the budget took: a WRITE reads its payload next. */
+  private start(h: RequestHeader): void {
+    if (h.type === NBD_CMD.WRITE) {
+      this.pending = h;
+      this.state = ParseState.Payload;
+      this.inflight(h.length);
+    } else {
+      this.execute(h);
+    }
   }
 
   /** Replies `error` to a request that does not run (invalid, or the server is stopping). */
@@ -348,10 +393,10 @@ export class Transmission {
 
   // ------------------------------------------------------------- execution
 
+  /** Counts a request in this connection's caps (its budget bytes were taken already). */
   private inflight(bytes: number): void {
     this.inflightRequests++;
     this.inflightBytes += bytes;
-    this.budget.take(bytes);
     this.checkPressure();
   }
 
@@ -359,9 +404,8 @@ export class Transmission {
     this.inflightRequests--;
     this.inflightBytes -= bytes;
     this.checkPressure();
-    // After our own check: the budget may wake other connections, whose
-    // requests then get the room first if we paused.
-    this.budget.release(bytes);
+    // After our own check: the budget admits requests queued before ours.
+    if (bytes > 0) this.budget.release(bytes);
     if (this.inflightRequests === 0 && this.idleWaiters.length) {
       const w = this.idleWaiters;
       this.idleWaiters = [];
@@ -370,33 +414,34 @@ export class Transmission {
   }
 
   /**
-   * Pauses the socket above this connection's caps, or when the process
-   * budget is exhausted and this connection holds something; resumes below
-   * half of its caps once the budget has room (or it holds nothing). Called
-   * on every request's start and end, on 'drain', and by the budget.
+   * Pauses the socket above this connection's caps; resumes below half of
+   * them. Called on every request's start and end, and on 'drain'.
    */
   checkPressure(): void {
     const bytes = this.inflightBytes + this.sink.writableLength;
-    const starved = this.budget.exhausted && this.inflightBytes > 0;
     if (!this.paused) {
-      if (bytes > this.limits.maxInflightBytes || this.inflightRequests >= this.limits.maxInflightRequests || starved) {
+      if (bytes > this.limits.maxInflightBytes || this.inflightRequests >= this.limits.maxInflightRequests) {
         this.paused = true;
         // A payload being read is read to its end first: onData pauses the
         // socket at the next header (a WRITE's own header gets us here).
         if (this.state === ParseState.Header) this.sink.pause();
-        if (starved) this.budget.wait(this);
       }
-    } else if (starved) {
-      this.budget.wait(this);
     } else if (bytes <= this.limits.maxInflightBytes / 2 && this.inflightRequests < this.limits.maxInflightRequests / 2) {
       this.paused = false;
-      if (this.state !== ParseState.Stopped) {
-        this.sink.resume();
-        const backlog = this.backlog;
-        this.backlog = [];
-        for (const c of backlog) this.onData(c);
-      }
+      this.replayBacklog();
     }
+  }
+
+  /** Reads again, first the bytes received while paused, unless still paused or waiting for the budget. */
+  private replayBacklog(): void {
+    if (this.state === ParseState.Admission || this.state === ParseState.Stopped) return;
+    // Paused at a header: stay paused. Paused while a payload is due (a WRITE
+    // just admitted): read it to its end, onData pauses at the next header.
+    if (this.paused && this.state === ParseState.Header) return;
+    this.sink.resume();
+    const backlog = this.backlog;
+    this.backlog = [];
+    for (const c of backlog) this.onData(c);
   }
 
   /** `pooled`: `data` came from payloadPool and goes back once the write succeeded. */

@@ -1,8 +1,9 @@
 /**
  * The memory bounds of the transmission phase: WRITE payload buffers are
  * pooled and reused only after a write succeeded (common/buffer-pool.ts), and the
- * process-wide in-flight budget (inflight-budget.ts) pauses connections in
- * turn without ever deadlocking on a request larger than itself.
+ * process-wide in-flight budget (inflight-budget.ts) admits requests in the
+ * order they came, before a WRITE's payload is read, without ever deadlocking
+ * on a request larger than itself.
  */
 import t from 'tap';
 import { BufferPool } from '../../../src/common/buffer-pool.js';
@@ -48,24 +49,35 @@ t.test('BufferPool: reuse, exact lengths, foreign and double returns ignored, bo
   t.equal(reads.freeBytes, 64 * KiB, 'from minPooled on: pooled');
 });
 
-t.test('InflightBudget: wakes paused connections in the order they paused, while there is room', async (t) => {
+t.test('InflightBudget: admits in order while requests fit; one larger than the limit runs alone', async (t) => {
   const b = new InflightBudget(100);
-  const woken: string[] = [];
-  const w = (name: string, takes: number) => ({ checkPressure: () => { woken.push(name); b.take(takes); } });
-  b.take(150);
-  t.ok(b.exhausted);
-  const one = w('one', 60);
-  const two = w('two', 0);
-  const three = w('three', 0);
-  b.wait(one);
-  b.wait(two);
-  b.wait(one); // keeps its place
-  b.wait(three);
-  b.release(100);
-  t.same(woken, ['one'], 'the first waiter resumes and fills the budget again; the others keep waiting');
-  b.release(60);
-  t.same(woken, ['one', 'two', 'three'], 'then the others, in order');
-  t.equal(b.used, 50);
+  const admitted: string[] = [];
+  const w = (name: string) => ({ admitted: (bytes: number) => { admitted.push(`${name}:${bytes}`); } });
+  t.ok(b.tryTake(60), 'fits: taken');
+  t.notOk(b.tryTake(50), 'would pass the limit: refused, nothing taken');
+  t.equal(b.used, 60);
+  const big = w('big');
+  const small = w('small');
+  b.wait(big, 80);
+  b.wait(small, 10);
+  t.notOk(b.tryTake(10), 'refused while others wait, even though it fits: no overtaking');
+  b.release(20);
+  t.same(admitted, [], 'the head (80) does not fit yet, and the one behind it (10) waits its turn');
+  b.release(40);
+  t.same(admitted, ['big:80', 'small:10'], 'with room, both in the order they queued');
+  t.equal(b.used, 90);
+  b.release(90);
+  t.ok(b.tryTake(1000), 'nothing in flight: a request larger than the whole budget is admitted');
+  const gone = w('gone');
+  const next = w('next');
+  b.wait(gone, 500);
+  b.wait(next, 5);
+  b.forget(gone);
+  t.equal(b.waiting, 1, 'a forgotten waiter leaves the queue');
+  b.release(1000);
+  t.same(admitted.slice(2), ['next:5'], 'and the one behind it is admitted when room comes');
+  t.equal(b.used, 5);
+  t.throws(() => new InflightBudget(0), RangeError, 'a budget must be positive');
 });
 
 /** A Transmission over a fake socket; replies are counted by cookie. */
@@ -90,10 +102,10 @@ function transmission(exp: MemoryExport, budget: InflightBudget) {
 
 /** A memory export whose writes wait until released, recording each payload buffer. */
 class HeldExport extends MemoryExport {
-  held: Array<{ data: Buffer; done: (err?: Error) => void }> = [];
+  held: Array<{ offset: number; data: Buffer; done: (err?: Error) => void }> = [];
   override write(offset: number, data: Buffer): Promise<void> {
     return new Promise((resolve, reject) => {
-      this.held.push({ data, done: (err) => { if (err) reject(err); else { this.store.write(offset, data); resolve(); } } });
+      this.held.push({ offset, data, done: (err) => { if (err) reject(err); else { this.store.write(offset, data); resolve(); } } });
     });
   }
 }
@@ -106,30 +118,67 @@ function writeChunks(cookie: bigint, offset: number, payload: Buffer, chunk: num
   return out;
 }
 
-t.test('budget: connections pause when it is exhausted and resume as it drains; no request is lost', async (t) => {
+t.test('budget: a WRITE waits for admission before its payload is read; connections are served in order', async (t) => {
   const budget = new InflightBudget(1 * MiB);
   const exp = new HeldExport('disk', new MemoryStore(SIZE));
+  let maxUsed = 0;
+  const write = exp.write.bind(exp);
+  exp.write = (offset, data) => { maxUsed = Math.max(maxUsed, budget.used); return write(offset, data); };
   const a = transmission(exp, budget);
   const b = transmission(exp, budget);
   const payload = Buffer.alloc(512 * KiB, 0xa5);
-  // A sends three 512 KiB writes in one stream: the third passes the budget.
+  // A sends four 512 KiB writes in one stream: two fit in the budget.
   a.tr.onData(Buffer.concat([1n, 2n, 3n, 4n].flatMap((c) => writeChunks(c, Number(c) * MiB, payload, 1 * MiB))));
   await sleep(10);
-  t.equal(exp.held.length, 3, 'three writes started; the fourth waits behind the exhausted budget');
-  t.ok(a.paused(), 'A is paused');
-  // B holds nothing: it may always start one request, however full the budget.
+  t.equal(exp.held.length, 2, 'two writes started; the third waits for the budget');
+  t.ok(a.paused(), 'A stopped reading');
+  t.equal(budget.waiting, 1, 'A queued with its third write');
+  // B holds nothing, but A asked first: B queues behind A.
   b.tr.onData(Buffer.concat([10n, 11n].flatMap((c) => writeChunks(c, Number(c) * MiB, payload, 1 * MiB))));
   await sleep(10);
-  t.equal(exp.held.length, 4, 'B started one write (progress for a connection holding nothing)');
-  t.ok(b.paused(), 'B is paused for its second');
-  for (const h of exp.held.splice(0)) h.done();
+  t.equal(exp.held.length, 2, 'B did not overtake A');
+  t.equal(budget.waiting, 2);
+  exp.held.shift()!.done();
   await sleep(10);
-  t.equal(exp.held.length, 2, 'as the budget drained, A then B resumed: each started its next write');
-  for (const h of exp.held.splice(0)) h.done();
+  t.same(exp.held.map((h) => h.data.length), [512 * KiB, 512 * KiB], 'one released: A\'s third was admitted (its payload was read then)');
+  t.equal(budget.waiting, 2, 'B waits, and A\'s fourth behind it');
+  exp.held.shift()!.done();
+  await sleep(10);
+  t.same(exp.held.map((h) => h.offset), [3 * MiB, 10 * MiB], 'the next one released admits B\'s first, not A\'s fourth');
+  while (exp.held.length > 0) {
+    for (const h of exp.held.splice(0)) h.done();
+    await sleep(10);
+  }
   await Promise.all([a.tr.idle(), b.tr.idle()]);
   t.same([...a.replies.keys()].sort(), [1n, 2n, 3n, 4n], 'A got every reply');
+  t.same([...a.replies.values()], [0, 0, 0, 0], 'all successful');
   t.same([...b.replies.keys()].sort(), [10n, 11n], 'B got every reply');
+  t.ok(maxUsed <= 1 * MiB, `the budget was never passed (peak ${maxUsed / KiB} KiB)`);
   t.equal(budget.used, 0, 'the budget is empty again');
+  t.notOk(a.paused() || b.paused(), 'both read again');
+});
+
+t.test('budget: a connection that ends while it waits leaves the queue; the next one goes on', async (t) => {
+  const budget = new InflightBudget(512 * KiB);
+  const exp = new HeldExport('disk', new MemoryStore(SIZE));
+  const a = transmission(exp, budget);
+  const b = transmission(exp, budget);
+  const c = transmission(exp, budget);
+  const payload = Buffer.alloc(512 * KiB, 0x5a);
+  a.tr.onData(Buffer.concat(writeChunks(1n, 0, payload, 1 * MiB)));
+  b.tr.onData(Buffer.concat(writeChunks(2n, 0, payload, 1 * MiB)).subarray(0, 100)); // header and a bit of payload
+  c.tr.onData(Buffer.concat(writeChunks(3n, 0, payload, 1 * MiB)));
+  t.equal(budget.waiting, 2, 'B and C wait behind A');
+  b.tr.abandon();
+  t.equal(budget.waiting, 1, 'B is gone from the queue');
+  exp.held.shift()!.done();
+  await sleep(10);
+  t.equal(exp.held.length, 1, 'C was admitted when A finished');
+  exp.held.shift()!.done();
+  await Promise.all([a.tr.idle(), b.tr.idle(), c.tr.idle()]);
+  t.equal(c.replies.get(3n), 0, 'C\'s write succeeded');
+  t.equal(b.replies.size, 0, 'B never ran');
+  t.equal(budget.used, 0);
 });
 
 t.test('budget: a write larger than the whole budget, in many chunks, completes (no deadlock)', async (t) => {
@@ -141,6 +190,30 @@ t.test('budget: a write larger than the whole budget, in many chunks, completes 
   await a.tr.idle();
   t.equal(a.replies.get(7n), 0, 'the write succeeded');
   t.same(Buffer.concat(store.read(0, 4 * MiB).map((p) => p.data ?? Buffer.alloc(p.length))), payload, 'data landed');
+  t.equal(budget.used, 0);
+});
+
+t.test('budget: READs wait for it too, FLUSH does not hold any of it', async (t) => {
+  const budget = new InflightBudget(64 * KiB);
+  const exp = new HeldExport('disk', new MemoryStore(SIZE));
+  const reads: Array<() => void> = [];
+  const read = exp.read.bind(exp);
+  exp.read = (offset, length) => new Promise((resolve) => { reads.push(() => resolve(read(offset, length))); });
+  const a = transmission(exp, budget);
+  a.tr.onData(Buffer.concat([
+    requestHeader({ type: CMD.READ, cookie: 1n, offset: 0, length: 64 * KiB }),
+    requestHeader({ type: CMD.READ, cookie: 2n, offset: 0, length: 4 * KiB }),
+    requestHeader({ type: CMD.FLUSH, cookie: 3n, offset: 0, length: 0 }),
+  ]));
+  t.equal(reads.length, 1, 'the first READ fills the budget; the second waits');
+  t.equal(budget.waiting, 1);
+  t.equal(budget.used, 64 * KiB);
+  reads.shift()!();
+  await sleep(5);
+  t.equal(reads.length, 1, 'the second READ started once the first was answered');
+  reads.shift()!();
+  await a.tr.idle();
+  t.same([...a.replies.keys()].sort(), [1n, 2n, 3n], 'every request answered, the FLUSH after the READ that waited');
   t.equal(budget.used, 0);
 });
 
