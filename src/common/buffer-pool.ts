@@ -91,7 +91,7 @@ function classOf(length: number): number {
 }
 
 /** Free READ buffers kept: as many bytes as the NBD layer's in-flight budget (nbd/inflight-budget.ts) lets be read at once. */
-const READ_POOL_FREE_BYTES = 32 * 1024 * 1024;
+const READ_POOL_FREE_BYTES = 16 * 1024 * 1024;
 
 /**
  * READ buffers, shared by the composer (which fills them) and the NBD layer

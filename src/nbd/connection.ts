@@ -74,10 +74,15 @@ const END_GRACE_MS = 5000;
 /** Bytes a client may send ahead during the handshake before we stop reading. */
 const HANDSHAKE_READAHEAD = 256 * 1024;
 /**
- * The buffer a plain socket reads into during transmission (socket-reads.ts):
- * a 1 MiB WRITE arrives in four reads; 64 connections hold 16 MiB of them.
+ * The buffer every plain socket reads into during transmission
+ * (socket-reads.ts): one for the whole process. Safe to share: libuv reads
+ * one socket at a time on the loop thread and hands the bytes to the
+ * transmission synchronously, which copies what it keeps before returning.
+ * A 1 MiB WRITE arrives in four reads; per connection, 64 connections held
+ * 16 MiB of these buffers.
  */
 const READ_BUFFER_BYTES = 256 * 1024;
+let sharedReadBuffer: Buffer | null = null;
 
 export class Connection implements HandshakeIO {
   status = Status.Handshake;
@@ -264,7 +269,8 @@ export class Connection implements HandshakeIO {
     for (const c of rest) t.onData(c);
     // Plain sockets read into one reused buffer from now on (socket-reads.ts);
     // bytes the socket buffered before still come as 'data', first.
-    readIntoBuffer(this.socket, Buffer.allocUnsafeSlow(READ_BUFFER_BYTES), (chunk) => {
+    sharedReadBuffer ??= Buffer.allocUnsafeSlow(READ_BUFFER_BYTES);
+    readIntoBuffer(this.socket, sharedReadBuffer, (chunk) => {
       t.onData(chunk, true);
       return true;
     });

@@ -99,8 +99,11 @@ export class InflightBudget {
   }
 }
 
-/** The default: 32 MiB over all connections (docs/benchmarks.md, memory). */
-export const DEFAULT_INFLIGHT_BUDGET_BYTES = 32 * 1024 * 1024;
+/**
+ * The default: 16 MiB over all connections, twice what one connection of
+ * 1 MiB requests at queue depth 8 holds (docs/benchmarks.md, memory).
+ */
+export const DEFAULT_INFLIGHT_BUDGET_BYTES = 16 * 1024 * 1024;
 
 /** The budget shared by every connection of the process unless a server is given its own. */
 export const processInflightBudget = new InflightBudget(DEFAULT_INFLIGHT_BUDGET_BYTES);
