@@ -38,6 +38,7 @@
  */
 import { silentLogger, type Logger } from '../common/log.js';
 import type { RadosCluster, RadosIoCtx, RadosWatch, RadosWatchEvent } from '../blockers/rados/binding.js';
+import { refreshOsdmap } from '../blockers/rados/osdmap.js';
 import { decodeGetInfoReply, encodeAssertLocked, encodeGetInfo } from './cls-lock.js';
 import { LockBusyError, LockFenceError, LockLostError, LockStateError } from './errors.js';
 import {
@@ -54,6 +55,7 @@ const ENOENT = 2;
 const EBUSY = 16;
 const EEXIST = 17;
 const ENOTCONN = 107;
+const ETIMEDOUT = 110;
 const ESHUTDOWN = 108;
 
 export interface RadosLockOptions {
@@ -407,25 +409,45 @@ export class RadosLockBackend implements LockBackend {
   /**
    * The watch broke. 108: we are fenced. 107 and others: a blocklist, or a
    * watch that timed out (paused client, network): while we hold the lock,
-   * re-watch and ask cls_lock; any failure there makes us lost.
+   * re-watch and ask cls_lock (#recheck).
    */
   #onWatchError(errno: number): void {
     this.#log.warn(`lock: watch error ${errno}`);
     if (!this.#held || this.#stopped || this.#closed) return;
     if (errno === ESHUTDOWN) return this.#fail(new LockLostError(this.volumeId, 'watch: this client was fenced (blocklisted)', true));
-    const p = (async () => {
+    const p = this.#recheck(errno);
+    this.#background.add(p);
+    void p.finally(() => this.#background.delete(p));
+  }
+
+  /**
+   * Re-watches and asks cls_lock until the cluster answers. Still ours: keep
+   * it. Broken, fenced, or any error but a timeout: lost. A timeout (the
+   * cluster, or the OSD of the lock object, unreachable) is asked again
+   * every pollMs, holding the lock meanwhile. Safe: nobody can take the lock
+   * without fencing us first (blocklist, then break), and the OSDs refuse a
+   * fenced client's writes, so nothing we write meanwhile can land after a
+   * new owner's; the answer, when it comes, is then "fenced" or "broken".
+   */
+  async #recheck(errno: number): Promise<void> {
+    const what = `watch error ${errno === ENOTCONN ? '107 (ENOTCONN)' : errno}`;
+    for (let attempt = 1; ; attempt++) {
       try {
         await this.#ensureWatch();
         await this.verify();
+        if (attempt > 1) this.#log.warn(`lock: ${what}: re-checked after ${attempt} attempts, still ours`);
+        return;
       } catch (err) {
-        if (!this.#held) return;
-        const lost = err instanceof LockLostError ? err
-          : new LockLostError(this.volumeId, `watch error ${errno === ENOTCONN ? '107 (ENOTCONN)' : errno}, and re-checking failed: ${(err as Error).message}`, false, { cause: err });
-        this.#fail(lost);
+        if (!this.#held || this.#stopped || this.#closed) return;
+        if (err instanceof LockLostError) return this.#fail(err);
+        const lost = new LockLostError(this.volumeId, `${what}, and re-checking failed: ${(err as Error).message}`, errnoOf(err) === ESHUTDOWN, { cause: err });
+        if (errnoOf(err) !== ETIMEDOUT) return this.#fail(lost);
+        this.#log.warn(`lock: ${what}: re-checking timed out (${(err as Error).message}); asking again`);
+        refreshOsdmap(this.#cluster);
+        await new Promise((resolve) => setTimeout(resolve, this.pollMs));
+        if (!this.#held || this.#stopped || this.#closed) return;
       }
-    })();
-    this.#background.add(p);
-    void p.finally(() => this.#background.delete(p));
+    }
   }
 
   #retryOrphan(cookie: string): void {
