@@ -98,7 +98,7 @@ async function openRadosStore(url: string, u: RadosStoreUrl, log?: Logger): Prom
   try {
     for (const pool of new Set([u.dataPool, u.mapPool])) {
       try {
-        opened.push(new RadosBlocker(await cluster.openPool(pool)));
+        opened.push(new RadosBlocker(await cluster.openPool(pool), cluster));
       } catch (err) {
         const missing = err instanceof RadosError && err.errno === 2;
         throw new Error(`store ${url}: ${missing ? `pool ${JSON.stringify(pool)} does not exist` : (err as Error).message}`, {

@@ -238,6 +238,7 @@ Napi::Function Cluster::DefineClass(Napi::Env env) {
                                               InstanceMethod<&Cluster::OpenPool>("openPool"),
                                               InstanceMethod<&Cluster::MonCommand>("monCommand"),
                                               InstanceMethod<&Cluster::BlocklistAdd>("blocklistAdd"),
+                                              InstanceMethod<&Cluster::WaitForLatestOsdmap>("waitForLatestOsdmap"),
                                               InstanceMethod<&Cluster::Shutdown>("shutdown"),
                                           });
 }
@@ -377,6 +378,32 @@ Napi::Value Cluster::BlocklistAdd(const Napi::CallbackInfo& info) {
   Task::Run(
       env, "archipelago:rados:blocklistAdd",
       [state, addr, seconds]() mutable { return rados_blocklist_add(state->rados(), &addr[0], seconds); },
+      [state, deferred, target](Napi::Env env, int rc) {
+        if (rc < 0) {
+          Reject(deferred, -rc, target);
+        } else {
+          deferred.Resolve(env.Undefined());
+        }
+        state->End(true);
+      });
+  return deferred.Promise();
+}
+
+// Asks the mon for the newest osdmap and waits until this client has it.
+// Why: a client whose requests only time out (op timeout) is never told of
+// a new map, and an OSD that was marked down and booted again drops requests
+// carrying an epoch from before its boot; a fresh map makes them go through.
+Napi::Value Cluster::WaitForLatestOsdmap(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const Target target = Target::Obj("waitForLatestOsdmap", "");
+  if (!state_->open()) return Rejected(env, kEShutdown, target, kShutDown);
+
+  auto state = state_;
+  auto deferred = Napi::Promise::Deferred::New(env);
+  state->Begin(true);
+  Task::Run(
+      env, "archipelago:rados:waitForLatestOsdmap",
+      [state]() mutable { return rados_wait_for_latest_osdmap(state->rados()); },
       [state, deferred, target](Napi::Env env, int rc) {
         if (rc < 0) {
           Reject(deferred, -rc, target);

@@ -89,6 +89,7 @@ class Cluster : public Napi::ObjectWrap<Cluster> {
   Napi::Value OpenPool(const Napi::CallbackInfo& info);
   Napi::Value MonCommand(const Napi::CallbackInfo& info);
   Napi::Value BlocklistAdd(const Napi::CallbackInfo& info);
+  Napi::Value WaitForLatestOsdmap(const Napi::CallbackInfo& info);
   Napi::Value Shutdown(const Napi::CallbackInfo& info);
 
   std::shared_ptr<ClusterState> state_;

@@ -187,6 +187,12 @@ export interface RadosCluster {
   /** Blocklists a client address for `seconds` (0: the cluster default). */
   blocklistAdd(addr: string, seconds: number): Promise<void>;
   /**
+   * Gets the newest osdmap from the mon (rados_wait_for_latest_osdmap).
+   * Requests that only time out never bring one, and an OSD that booted
+   * again after being marked down drops requests of older epochs.
+   */
+  waitForLatestOsdmap(): Promise<void>;
+  /**
    * Refuses new operations (108), waits for those in flight (a notify waits
    * up to its timeout; a lock call as long as the cluster takes: set
    * rados_osd_op_timeout), closes every pool, then the connection.

@@ -15,7 +15,10 @@
  */
 import type { Blocker, BlockerCapabilities, ObjectStat } from '../blocker.js';
 import { BlockerError, checkObjectName, type BlockerErrorCode } from '../errors.js';
-import { RadosError, type RadosIoCtx } from './binding.js';
+import { RadosError, type RadosCluster, type RadosIoCtx } from './binding.js';
+import { refreshOsdmap } from './osdmap.js';
+
+const ETIMEDOUT = 110;
 
 /** How many names one listing round trip fetches. */
 const LIST_BATCH = 1024;
@@ -25,8 +28,17 @@ export class RadosBlocker implements Blocker {
   readonly capabilities: BlockerCapabilities = { durableWrites: true, sparse: true, punch: true };
   #closing: Promise<void> | undefined;
 
-  /** `ioctx` is the open pool; the blocker closes it on `close()`. */
-  constructor(readonly ioctx: RadosIoCtx) {}
+  /**
+   * `ioctx` is the open pool; the blocker closes it on `close()`. `cluster`:
+   * after a request timed out, the newest osdmap is fetched from it (osdmap.ts).
+   */
+  constructor(readonly ioctx: RadosIoCtx, private readonly cluster?: Pick<RadosCluster, 'waitForLatestOsdmap'>) {}
+
+  /** The blocker error for a failed librados call; a timeout also fetches the newest osdmap. */
+  #error(err: unknown, op: string, name: string): BlockerError {
+    if (this.cluster && err instanceof RadosError && err.errno === ETIMEDOUT) refreshOsdmap(this.cluster);
+    return toBlockerError(err, op, name);
+  }
 
   /** The pool this blocker stores its objects in. */
   get pool(): string {
@@ -38,7 +50,7 @@ export class RadosBlocker implements Blocker {
     try {
       return await this.ioctx.read(name, offset, length, target);
     } catch (err) {
-      throw toBlockerError(err, 'read', name);
+      throw this.#error(err, 'read', name);
     }
   }
 
@@ -47,7 +59,7 @@ export class RadosBlocker implements Blocker {
     try {
       await this.ioctx.write(name, offset, data);
     } catch (err) {
-      throw toBlockerError(err, 'write', name);
+      throw this.#error(err, 'write', name);
     }
   }
 
@@ -56,7 +68,7 @@ export class RadosBlocker implements Blocker {
     try {
       await this.ioctx.writeFull(name, data);
     } catch (err) {
-      throw toBlockerError(err, 'replace', name);
+      throw this.#error(err, 'replace', name);
     }
   }
 
@@ -65,7 +77,7 @@ export class RadosBlocker implements Blocker {
     try {
       return await this.ioctx.readFull(name);
     } catch (err) {
-      throw toBlockerError(err, 'readFull', name);
+      throw this.#error(err, 'readFull', name);
     }
   }
 
@@ -81,7 +93,7 @@ export class RadosBlocker implements Blocker {
       const end = Math.min(offset + length, size);
       if (end > offset) await this.ioctx.zero(name, offset, end - offset);
     } catch (err) {
-      throw toBlockerError(err, 'punch', name);
+      throw this.#error(err, 'punch', name);
     }
   }
 
@@ -91,7 +103,7 @@ export class RadosBlocker implements Blocker {
       await this.ioctx.remove(name);
     } catch (err) {
       if (err instanceof RadosError && err.errno === ENOENT) return;
-      throw toBlockerError(err, 'remove', name);
+      throw this.#error(err, 'remove', name);
     }
   }
 
@@ -101,7 +113,7 @@ export class RadosBlocker implements Blocker {
       const { size } = await this.ioctx.stat(name);
       return { size };
     } catch (err) {
-      throw toBlockerError(err, 'stat', name);
+      throw this.#error(err, 'stat', name);
     }
   }
 
@@ -114,7 +126,7 @@ export class RadosBlocker implements Blocker {
         try {
           batch = await listing.next(LIST_BATCH);
         } catch (err) {
-          throw toBlockerError(err, 'list', prefix);
+          throw this.#error(err, 'list', prefix);
         }
         if (batch.length === 0) return;
         for (const name of batch) if (name.startsWith(prefix)) yield name;

@@ -487,6 +487,15 @@ t.test('monCommand', async (t) => {
   t.throws(() => a.monCommand(42 as unknown as object), TypeError);
 });
 
+t.test('waitForLatestOsdmap: this client gets the epoch the mon has now', async (t) => {
+  const epoch = async () => (JSON.parse((await a.monCommand({ prefix: 'osd dump', format: 'json' })).output.toString()) as { epoch: number }).epoch;
+  const before = await epoch();
+  await a.waitForLatestOsdmap();
+  t.ok((await epoch()) >= before, 'resolves once the map is at least as new as the mon\'s');
+  await Promise.all([a.waitForLatestOsdmap(), a.waitForLatestOsdmap()]);
+  t.pass('concurrent calls resolve');
+});
+
 t.test('close and shutdown', async (t) => {
   const c = await connect(t);
   const io = await c.openPool(DATA);
@@ -526,6 +535,7 @@ t.test('close and shutdown', async (t) => {
   await rejectsErrno(t, c.openPool(DATA), ESHUTDOWN, 'openPool after shutdown');
   await rejectsErrno(t, c.monCommand({ prefix: 'osd pool ls' }), ESHUTDOWN, 'monCommand after shutdown');
   await rejectsErrno(t, c.blocklistAdd('127.0.0.1:0/1', 1), ESHUTDOWN, 'blocklistAdd after shutdown');
+  await rejectsErrno(t, c.waitForLatestOsdmap(), ESHUTDOWN, 'waitForLatestOsdmap after shutdown');
   t.throws(() => c.instanceId(), { name: 'RadosError', errno: ESHUTDOWN }, 'instanceId after shutdown');
   t.throws(() => c.addrs(), { name: 'RadosError', errno: ESHUTDOWN }, 'addrs after shutdown');
   t.equal((await ioA.stat(`${prefix}.s63`)).size, 512, 'the data is there for other clients');
