@@ -364,20 +364,17 @@ Napi::Value Cluster::MonCommand(const Napi::CallbackInfo& info) {
   return deferred.Promise();
 }
 
-Napi::Value Cluster::BlocklistAdd(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  std::string addr = ArgString(info, 0, "addr");
-  uint32_t seconds = static_cast<uint32_t>(ArgUint(info, 1, "seconds", UINT32_MAX));
-  const Target target = Target::Obj("blocklistAdd", addr);
-  if (!ValidName(addr)) return Rejected(env, kEInval, target, "names must be non-empty and must not contain NUL");
-  if (!state_->open()) return Rejected(env, kEShutdown, target, kShutDown);
+namespace {
 
-  auto state = state_;
+// Runs `call` (a librados call on this cluster returning 0 or -errno) on the
+// thread pool; the promise resolves to undefined or rejects with the errno.
+template <typename Call>
+Napi::Value RunVoid(Napi::Env env, const std::shared_ptr<ClusterState>& state, const char* resource,
+                    const Target& target, Call call) {
   auto deferred = Napi::Promise::Deferred::New(env);
   state->Begin(true);
   Task::Run(
-      env, "archipelago:rados:blocklistAdd",
-      [state, addr, seconds]() mutable { return rados_blocklist_add(state->rados(), &addr[0], seconds); },
+      env, resource, [state, call]() mutable { return call(state->rados()); },
       [state, deferred, target](Napi::Env env, int rc) {
         if (rc < 0) {
           Reject(deferred, -rc, target);
@@ -389,6 +386,19 @@ Napi::Value Cluster::BlocklistAdd(const Napi::CallbackInfo& info) {
   return deferred.Promise();
 }
 
+}  // namespace
+
+Napi::Value Cluster::BlocklistAdd(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::string addr = ArgString(info, 0, "addr");
+  uint32_t seconds = static_cast<uint32_t>(ArgUint(info, 1, "seconds", UINT32_MAX));
+  const Target target = Target::Obj("blocklistAdd", addr);
+  if (!ValidName(addr)) return Rejected(env, kEInval, target, "names must be non-empty and must not contain NUL");
+  if (!state_->open()) return Rejected(env, kEShutdown, target, kShutDown);
+  return RunVoid(env, state_, "archipelago:rados:blocklistAdd", target,
+                 [addr, seconds](rados_t rados) mutable { return rados_blocklist_add(rados, &addr[0], seconds); });
+}
+
 // Asks the mon for the newest osdmap and waits until this client has it.
 // Why: a client whose requests only time out (op timeout) is never told of
 // a new map, and an OSD that was marked down and booted again drops requests
@@ -397,22 +407,8 @@ Napi::Value Cluster::WaitForLatestOsdmap(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const Target target = Target::Obj("waitForLatestOsdmap", "");
   if (!state_->open()) return Rejected(env, kEShutdown, target, kShutDown);
-
-  auto state = state_;
-  auto deferred = Napi::Promise::Deferred::New(env);
-  state->Begin(true);
-  Task::Run(
-      env, "archipelago:rados:waitForLatestOsdmap",
-      [state]() mutable { return rados_wait_for_latest_osdmap(state->rados()); },
-      [state, deferred, target](Napi::Env env, int rc) {
-        if (rc < 0) {
-          Reject(deferred, -rc, target);
-        } else {
-          deferred.Resolve(env.Undefined());
-        }
-        state->End(true);
-      });
-  return deferred.Promise();
+  return RunVoid(env, state_, "archipelago:rados:waitForLatestOsdmap", target,
+                 [](rados_t rados) { return rados_wait_for_latest_osdmap(rados); });
 }
 
 Napi::Value Cluster::Shutdown(const Napi::CallbackInfo& info) { return state_->Shutdown(info.Env()); }
