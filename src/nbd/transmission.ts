@@ -47,7 +47,16 @@ export interface TransmissionLimits {
   maxInflightRequests: number;
   /** Bytes in flight over all connections (default: the process-wide budget, inflight-budget.ts). */
   budget?: InflightBudget;
+  /**
+   * A WRITE whose payload has not all arrived this long after its header
+   * closes the connection (default 30 s): its bytes are taken from the
+   * budget, which every other connection may be waiting for, so a client
+   * that stops mid-payload must not hold them for ever.
+   */
+  payloadTimeoutMs?: number;
 }
+
+const PAYLOAD_TIMEOUT_MS = 30_000;
 
 export const DEFAULT_TRANSMISSION_LIMITS: TransmissionLimits = {
   maxPayload: 32 * 1024 * 1024,
@@ -109,6 +118,11 @@ export class Transmission {
   private payload: Buffer | null = null;
   private payloadFill = 0;
   private discardLeft = 0;
+  /** When the WRITE now in Payload state was admitted (performance.now()), and its number. */
+  private payloadSince = 0;
+  private payloadSeq = 0;
+  /** At most one per connection, re-armed while payloads keep coming (checkPayloadTimeout). */
+  private payloadTimer: NodeJS.Timeout | null = null;
 
   private inflightRequests = 0;
   private inflightBytes = 0;
@@ -123,6 +137,7 @@ export class Transmission {
 
   private readonly exp: Export;
   private readonly budget: InflightBudget;
+  private readonly payloadTimeoutMs: number;
   private readonly flags: number;
   private readonly structured: boolean;
   private readonly baseAllocation: boolean;
@@ -138,6 +153,7 @@ export class Transmission {
   ) {
     this.exp = negotiated.export;
     this.budget = limits.budget ?? processInflightBudget;
+    this.payloadTimeoutMs = limits.payloadTimeoutMs ?? PAYLOAD_TIMEOUT_MS;
     this.flags = negotiated.transmissionFlags;
     this.structured = negotiated.structuredReplies;
     this.baseAllocation = negotiated.baseAllocation;
@@ -241,6 +257,8 @@ export class Transmission {
    * can resolve.
    */
   abandon(): void {
+    if (this.payloadTimer !== null) clearTimeout(this.payloadTimer);
+    this.payloadTimer = null;
     const req = this.state === ParseState.Payload ? this.pending : null;
     if (this.state === ParseState.Admission) this.budget.forget(this); // admitted nothing yet
     this.state = ParseState.Stopped;
@@ -327,6 +345,9 @@ export class Transmission {
     if (h.type === NBD_CMD.WRITE) {
       this.pending = h;
       this.state = ParseState.Payload;
+      this.payloadSeq++;
+      this.payloadSince = performance.now();
+      this.payloadTimer ??= setTimeout(checkPayloadTimeout, this.payloadTimeoutMs, this, this.payloadSeq).unref();
       this.inflight(h.length);
     } else {
       this.execute(h);
@@ -528,6 +549,24 @@ export class Transmission {
     return s;
   }
 
+  /**
+   * @internal The payload timer fired: `seq` was the WRITE in Payload state
+   * when it was armed. Still that one, and late: the connection is closed
+   * (abandon() then releases its bytes). Another one: re-armed for its own
+   * deadline. None: the timer stops until the next WRITE.
+   */
+  checkPayloadTimeout(seq: number): void {
+    this.payloadTimer = null;
+    if (this.state !== ParseState.Payload) return;
+    const late = performance.now() - this.payloadSince;
+    if (this.payloadSeq === seq || late >= this.payloadTimeoutMs) {
+      const h = this.pending!;
+      this.onFinish(`WRITE at offset ${h.offset}: ${this.payloadFill} of its ${h.length} payload bytes arrived in ${(late / 1000).toFixed(1)} s`, true);
+      return;
+    }
+    this.payloadTimer = setTimeout(checkPayloadTimeout, this.payloadTimeoutMs - late, this, this.payloadSeq).unref();
+  }
+
   /** @internal */
   uncorkNow(): void {
     this.corked = false;
@@ -637,6 +676,10 @@ export class Transmission {
 
 function uncork(t: Transmission): void {
   t.uncorkNow();
+}
+
+function checkPayloadTimeout(t: Transmission, seq: number): void {
+  t.checkPayloadTimeout(seq);
 }
 
 function writeZeros(s: ReplySink, length: number): void {

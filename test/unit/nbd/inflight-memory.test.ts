@@ -80,8 +80,8 @@ t.test('InflightBudget: admits in order while requests fit; one larger than the 
   t.throws(() => new InflightBudget(0), RangeError, 'a budget must be positive');
 });
 
-/** A Transmission over a fake socket; replies are counted by cookie. */
-function transmission(exp: MemoryExport, budget: InflightBudget) {
+/** A Transmission over a fake socket; replies are counted by cookie, the end reason kept. */
+function transmission(exp: MemoryExport, budget: InflightBudget, payloadTimeoutMs?: number) {
   const replies = new Map<bigint, number>();
   let paused = false;
   const sink: ReplySink = {
@@ -96,8 +96,9 @@ function transmission(exp: MemoryExport, budget: InflightBudget) {
     pause: () => { paused = true; }, resume: () => { paused = false; },
   };
   const neg = { export: exp, transmissionFlags: TF.HAS_FLAGS | TF.SEND_FLUSH | TF.SEND_FUA, structuredReplies: false, baseAllocation: false } as Negotiated;
-  const tr = new Transmission(sink, neg, { ...DEFAULT_TRANSMISSION_LIMITS, budget }, silentLogger, () => {});
-  return { tr, replies, paused: () => paused };
+  const ended: string[] = [];
+  const tr = new Transmission(sink, neg, { ...DEFAULT_TRANSMISSION_LIMITS, budget, payloadTimeoutMs }, silentLogger, (reason) => { ended.push(reason); });
+  return { tr, replies, ended, paused: () => paused };
 }
 
 /** A memory export whose writes wait until released, recording each payload buffer. */
@@ -191,6 +192,46 @@ t.test('budget: a write larger than the whole budget, in many chunks, completes 
   t.equal(a.replies.get(7n), 0, 'the write succeeded');
   t.same(Buffer.concat(store.read(0, 4 * MiB).map((p) => p.data ?? Buffer.alloc(p.length))), payload, 'data landed');
   t.equal(budget.used, 0);
+});
+
+t.test('budget: a client that stops in the middle of a WRITE payload is cut off, and its bytes go to the next', async (t) => {
+  const budget = new InflightBudget(512 * KiB);
+  const exp = new HeldExport('disk', new MemoryStore(SIZE));
+  const a = transmission(exp, budget, 100);
+  const b = transmission(exp, budget, 100);
+  const payload = Buffer.alloc(512 * KiB, 0x77);
+  a.tr.onData(Buffer.concat(writeChunks(1n, 0, payload, 1 * MiB)).subarray(0, 4096)); // header and part of the payload, then silence
+  b.tr.onData(Buffer.concat(writeChunks(2n, 0, payload, 1 * MiB)));
+  t.equal(budget.waiting, 1, 'B waits for the bytes A took');
+  await sleep(60);
+  t.same(a.ended, [], 'not before the timeout');
+  await sleep(100);
+  t.equal(a.ended.length, 1, 'A is cut off after the payload timeout');
+  t.match(a.ended[0], /WRITE at offset 0: 4068 of its 524288 payload bytes arrived in [0-9.]+ s/);
+  a.tr.abandon(); // what the connection does when the socket closes
+  await sleep(5);
+  t.equal(exp.held.length, 1, 'B was admitted');
+  exp.held.shift()!.done();
+  await b.tr.idle();
+  t.equal(b.replies.get(2n), 0, 'and its write succeeded');
+  t.same(b.ended, [], 'B, which sent its payload at once, was never cut off');
+  t.equal(budget.used, 0);
+});
+
+t.test('payload timeout: WRITEs whose payloads each come in time are never cut off, however long the stream', async (t) => {
+  const budget = new InflightBudget(64 * MiB);
+  const exp = new MemoryExport('disk', new MemoryStore(SIZE));
+  const a = transmission(exp, budget, 80);
+  const payload = Buffer.alloc(64 * KiB, 0x42);
+  for (let i = 1; i <= 8; i++) {
+    const [head, ...rest] = writeChunks(BigInt(i), 0, payload, 32 * KiB);
+    a.tr.onData(head!);
+    await sleep(30); // each payload takes 30 ms, the whole stream 240 ms: three timeouts long
+    for (const c of rest) a.tr.onData(c);
+  }
+  await a.tr.idle();
+  t.same(a.ended, [], 'not cut off');
+  t.equal(a.replies.size, 8, 'every write answered');
 });
 
 t.test('budget: READs wait for it too, FLUSH does not hold any of it', async (t) => {
