@@ -327,6 +327,11 @@ export class Volume {
   private async unmap(index: number): Promise<void> {
     await this.gates.acquireExclusive(index);
     try {
+      // Absent in memory is not enough: after a failed allocation the stored
+      // map may name the new object (its chunk write landing late), and a
+      // FLUSH would then acknowledge this zeroing while a power cut brings
+      // back the failed write's data. Settling re-commits "absent" first.
+      await this.settle(index);
       const entry = this.map.lookup(index) ?? await this.map.lookupAsync(index);
       if (entry === ENTRY_ABSENT) return;
       const owned = this.map.isOwned(entry);

@@ -130,6 +130,23 @@ t.test('an allocation whose chunk write lands late: its stray is removed only af
   t.same(await afterPowerCut(inner, OBJ, OBJ), expected, 'only the acknowledged write, zeros around it');
 });
 
+t.test('an allocation whose chunk write lands late, then zeroing the whole object: settled first, the flushed zeroing survives', async (t) => {
+  const { inner, faults, map, vol } = await setup();
+  await vol.write(0, pattern(9, 512), false); // chunk 0 exists: the next commit replaces it in place
+  faults.addRule({ ops: ['replace'], prefix: 'm.', hang: true, limit: 1 });
+  await t.rejects(vol.write(OBJ, pattern(1, OBJ), false), { code: 'ETIMEDOUT' }, 'the allocating write fails');
+  t.equal(map.lookup(1), ENTRY_ABSENT, 'memory: absent');
+  faults.clear();
+  await settle();
+  t.not(await storedEntry(inner, 1), ENTRY_ABSENT, 'storage names the failed write\'s object: in doubt');
+
+  await vol.zero(OBJ, OBJ, { fua: false, noHole: false, fastZero: false }); // whole object: the unmap path
+  await vol.flush();
+  t.ok(map.isSettled(1), 'settled by the zeroing');
+  t.equal(await storedEntry(inner, 1), ENTRY_ABSENT, 'storage says absent again');
+  t.same(await afterPowerCut(inner, OBJ, OBJ), Buffer.alloc(OBJ), 'after a power cut the object reads as zeros, not as the failed write');
+});
+
 t.test('while the store stays stuck, writes to the unsettled index fail; others go on; then it recovers', async (t) => {
   const { faults, map, vol } = await setup();
   await vol.write(0, pattern(1, 4096), false);
