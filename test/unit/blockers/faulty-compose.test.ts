@@ -147,6 +147,27 @@ t.test('an allocation whose chunk write lands late, then zeroing the whole objec
   t.same(await afterPowerCut(inner, OBJ, OBJ), Buffer.alloc(OBJ), 'after a power cut the object reads as zeros, not as the failed write');
 });
 
+t.test('a write over two objects that fails on one: the failure is replied once the other extent ended, so it cannot overtake the next request', async (t) => {
+  const { inner, vol } = await setup();
+  // Object 0's data write fails at once; object 1's is slow (but within the timeout).
+  inner.setFaultHook(async (op, name) => {
+    if (op !== 'write' || !name.startsWith('d.')) return undefined;
+    if (name.endsWith('.0')) return 'EIO';
+    if (name.endsWith('.1')) await new Promise((r) => setTimeout(r, 60));
+    return undefined;
+  });
+  const started = Date.now();
+  await t.rejects(vol.write(OBJ - 4096, pattern(1, 8192), false), { code: 'EIO' }, 'the write fails');
+  t.ok(Date.now() - started >= 50, `its failure comes once the slow extent ended (${Date.now() - started} ms)`);
+  inner.setFaultHook(undefined);
+  // The client's next request: zero the range the failed write touched in object 1.
+  await vol.zero(OBJ, 4096, { fua: false, noHole: false, fastZero: false });
+  await vol.flush();
+  await new Promise((r) => setTimeout(r, 100)); // a leftover extent would land by now
+  t.same((await vol.read(OBJ, 4096))[0]!.data ?? Buffer.alloc(4096), Buffer.alloc(4096), 'object 1 reads the acknowledged zeroing');
+  t.same(await afterPowerCut(inner, OBJ, 4096), Buffer.alloc(4096), 'and so after a power cut');
+});
+
 t.test('while the store stays stuck, writes to the unsettled index fail; others go on; then it recovers', async (t) => {
   const { faults, map, vol } = await setup();
   await vol.write(0, pattern(1, 4096), false);
