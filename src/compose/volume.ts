@@ -21,6 +21,9 @@
  * chunk that first points at it (setEntries syncs it), the chunk is durable
  * before the reply; an object is deleted only after the map stopped pointing
  * at it. FLUSH syncs every object written in place since the last FLUSH.
+ * A mutation over several objects settles (succeeds or fails) only once
+ * each of its extents has ended, so nothing of a failed request lands after
+ * the client's next one.
  *
  * After a failed map update the stored entry of that index is in doubt (the
  * chunk write may land late: mapper/volume-map.ts, blockers/timeout.ts).
