@@ -187,10 +187,15 @@ t.test('while the store stays stuck, writes to the unsettled index fail; others 
 
 t.test('model: random requests while random map, data, sync and remove calls fail, hang and land late', async (t) => {
   const seeds = process.env.ARCHIPELAGO_MODEL_SEED ? [Number(process.env.ARCHIPELAGO_MODEL_SEED)] : [6, 8, 10, 11, (Math.random() * 2 ** 31) >>> 0]; // 6, 8, 10, 11 lose data without Volume.settle()
-  for (const seed of seeds) await t.test(`seed ${seed}`, (t) => modelRun(t, seed));
+  for (const seed of seeds) await t.test(`seed ${seed}`, (t) => modelRun(t, seed, [6, 8, 10, 11].includes(seed)));
 });
 
-async function modelRun(t: Tap, seed: number): Promise<void> {
+/**
+ * `fixed`: one of the seeds chosen for how much they exercise; only those
+ * must reach a number of failures and power cuts (a random seed may draw
+ * few, which says nothing about the volume).
+ */
+async function modelRun(t: Tap, seed: number, fixed: boolean): Promise<void> {
   // Four objects: requests meet an index left in doubt often.
   const MSIZE = 4 * OBJ;
   const prng = mulberry32(seed);
@@ -278,7 +283,11 @@ async function modelRun(t: Tap, seed: number): Promise<void> {
   const now = Buffer.alloc(MSIZE);
   for (const p of await vol.read(0, MSIZE)) if (p.data) p.data.copy(now, p.offset);
   t.same(model.check(now), [], 'reads match the model');
-  t.ok(failures >= 5, `${failures} writes, trims and zeroes failed`);
-  t.ok(cuts > 3, `${cuts} power cuts after a flush`);
+  if (fixed) {
+    t.ok(failures >= 5, `${failures} writes, trims and zeroes failed`);
+    t.ok(cuts > 3, `${cuts} power cuts after a flush`);
+  } else {
+    t.comment(`${failures} writes, trims and zeroes failed; ${cuts} power cuts after a flush`);
+  }
   t.same(model.check(await afterPowerCut(inner, 0, MSIZE)), [], 'after a power cut (nothing unsynced kept) too');
 }
