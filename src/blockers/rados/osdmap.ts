@@ -2,14 +2,14 @@
  * Fetching the newest osdmap after a request timed out.
  *
  * Why: librados learns of new osdmaps when its requests need one (a target
- * OSD down, a missing pool), not when they merely time out. An OSD that was
- * marked down (paused, or cut off, past `mon osd report timeout`) and then
- * booted again drops requests that carry an epoch from before its boot, so
- * a client that missed the new map sees every request time out, for as long
- * as it runs, while a fresh client works at once (found with
- * test/integration/backend-faults-rados.test.ts). After a timeout we ask the
- * mon for the newest map (rados_wait_for_latest_osdmap); the next requests
- * carry it.
+ * OSD down, a missing pool), not when they merely time out, and an OSD that
+ * was marked down and booted again drops requests that carry an epoch from
+ * before its boot. Once, after an OSD was paused and resumed
+ * (test/integration/backend-faults-rados.test.ts), our requests kept timing
+ * out for 150 s while a fresh client wrote after 4 s; it did not recur on
+ * demand, so this is the standard remedy rather than a proven cause: after
+ * a timeout we ask the mon for the newest map (rados_wait_for_latest_osdmap),
+ * and the next requests carry it.
  */
 import type { RadosCluster } from './binding.js';
 
