@@ -400,9 +400,9 @@ Napi::Value Cluster::BlocklistAdd(const Napi::CallbackInfo& info) {
 }
 
 // Asks the mon for the newest osdmap and waits until this client has it.
-// Why: a client whose requests only time out (op timeout) is never told of
+// Why: a client whose requests only time out (op timeout) may not learn of
 // a new map, and an OSD that was marked down and booted again drops requests
-// carrying an epoch from before its boot; a fresh map makes them go through.
+// carrying an epoch from before its boot (src/blockers/rados/osdmap.ts).
 Napi::Value Cluster::WaitForLatestOsdmap(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const Target target = Target::Obj("waitForLatestOsdmap", "");
