@@ -8,12 +8,14 @@
  * - OSD paused (SIGSTOP) past the store URL's op_timeout (3 s): requests
  *   fail EIO in bounded time (librados cancels them; the daemon's backstop
  *   is op_timeout + 5 s), and succeed again after SIGCONT; a write that
- *   timed out never overwrites a newer one.
+ *   timed out never overwrites a newer one. (When even a fresh client cannot
+ *   reach the volume's objects after SIGCONT, a placement group of the test
+ *   cluster is stuck; the run then says so rather than checking us.)
  * - OSD paused until the mon marks it down, then resumed: it boots again in
  *   a new osdmap epoch; the daemon writes again, on the same connection and
  *   still holding the volume's lock, as soon as a fresh client can.
  */
-import t from 'tap';
+import t, { type Test as Tap } from 'tap';
 import { adminRequest } from '../../src/daemon/admin.js';
 import { startCeph } from '../helpers/ceph.js';
 import { NbdDriver, type DriverReply } from '../helpers/crash-model.js';
@@ -50,14 +52,42 @@ const RECOVERY_MS = 60_000;
  * serve again (re-peering), whatever our daemon does. Tests then require
  * our daemon to work again soon after, which is what they are about.
  */
-async function freshClientWrites(ms = 120_000): Promise<{ ok: boolean; ms: number }> {
+async function freshClientWrites(objects: string[] = [], ms = 120_000): Promise<{ ok: boolean; ms: number; objectsOk: boolean }> {
   const from = Date.now();
   let ok = false;
-  while (!ok && Date.now() < from + ms) {
-    const r = await ceph.rados(['-p', ceph.pools.data, 'put', 'probe', '-', '--rados-osd-op-timeout', '5'], { timeoutMs: 15_000, input: 'probe' });
-    ok = r.code === 0;
+  let objectsOk = objects.length === 0;
+  const timeout = ['--rados-osd-op-timeout', '5'];
+  while (!(ok && objectsOk) && Date.now() < from + ms) {
+    if (!ok) ok = (await ceph.rados(['-p', ceph.pools.data, 'put', 'probe', '-', ...timeout], { timeoutMs: 15_000, input: 'probe' })).code === 0;
+    if (ok && !objectsOk) {
+      objectsOk = true;
+      for (const o of objects) objectsOk &&= (await ceph.rados(['-p', ceph.pools.data, 'stat', o, ...timeout], { timeoutMs: 15_000 })).code === 0;
+    }
   }
-  return { ok, ms: Date.now() - from };
+  return { ok, objectsOk, ms: Date.now() - from };
+}
+
+/**
+ * Whether a fresh client reached the volume's objects: if not, our daemon
+ * cannot either, and the run says so instead of checking our recovery. In
+ * about 1 run in 10, after the short pause, the object our timed-out write
+ * went to stayed unreachable for every client (`rados stat` with a 5 s
+ * timeout) for over 120 s, while other objects were served: a placement
+ * group of this one-OSD memstore cluster stuck after SIGSTOP/SIGCONT. The
+ * cluster's own health is logged for the next person to look.
+ */
+async function clusterServes(t: Tap, fresh: { objectsOk: boolean; ms: number }): Promise<boolean> {
+  if (fresh.objectsOk) return true;
+  const health = await ceph.ceph(['health', 'detail'], { timeoutMs: 20_000 });
+  t.comment(`the cluster did not serve this volume's objects to a fresh client within ${fresh.ms} ms: `
+    + `our daemon's recovery is not checked in this run. ceph health detail: ${health.stdout.trim().slice(0, 2000)}`);
+  return false;
+}
+
+/** The data objects of volume `id` now (d.<id>.*). */
+async function dataObjects(id: string): Promise<string[]> {
+  const r = await ceph.rados(['-p', ceph.pools.data, 'ls']);
+  return r.stdout.split('\n').filter((n) => n.startsWith(`d.${id}.`));
 }
 
 /** Writes `data` at 0 until it succeeds or `ms` pass; the last reply, tries and time taken. */
@@ -135,51 +165,10 @@ t.test('OSD stopped under a write load and started again: the load resumes, ackn
   t.equal(await d.stop(), 0);
 });
 
-t.test('OSD paused past op_timeout: EIO in bounded time, success again after SIGCONT', async (t) => {
-  // op_timeout 3 s: the OSD stays paused about 7 s, mostly under the 9–10 s
-  // after which the mon marks a lone OSD down (`mon osd report timeout`;
-  // that case is the next test).
-  const url = ceph.url({ op_timeout: 3 });
-  await createVolume(url, 'pause', '1M');
-  const d = await startFaultDaemon(t, url);
-  t.equal((await d.backend()).timeoutMs, 8_000, 'the store URL\'s op_timeout (3 s) rules; the backstop is 5 s later');
-  const drv = await connect(t, d, 'pause');
-  t.ok((await write(drv, 0, pattern(1, BLOCK))).ok);
-  t.ok((await drv.request({ op: 'flush' })).ok);
-
-  await ceph.stopOsd(0, 'pause');
-  let resumed = false;
-  t.teardown(async () => { if (!resumed) await ceph.startOsd(0); });
-  let started = Date.now();
-  const w = await write(drv, 0, pattern(2, BLOCK));
-  let ms = Date.now() - started;
-  t.notOk(w.ok, 'the write fails');
-  t.equal(errnoName(w.errno), 'EIO', 'with EIO', { w });
-  t.ok(ms >= 2500 && ms < 7000, `after about op_timeout (${ms} ms), before the backstop`);
-  started = Date.now();
-  const r = await read(drv, 2 * BLOCK, BLOCK);
-  ms = Date.now() - started;
-  t.notOk(Buffer.isBuffer(r), 'a read fails too');
-  t.ok(ms < 7000, `in bounded time (${ms} ms)`);
-
-  await ceph.startOsd(0); // SIGCONT
-  resumed = true;
-  const fresh = await freshClientWrites();
-  t.ok(fresh.ok, `a fresh client writes again (${fresh.ms} ms after SIGCONT)`);
-  const ok = await writeUntilOk(drv, pattern(3, BLOCK), RECOVERY_MS);
-  t.ok(ok.ok, `then ours too, on the same connection (${ok.tries} tries, ${ok.ms} ms)`, { last: ok, log: d.stderr().slice(-8000) });
-  t.same(await read(drv, 0, BLOCK), pattern(3, BLOCK), 'the newest acknowledged write wins over the one that timed out');
-  t.ok((await drv.request({ op: 'flush' })).ok);
-  const b = await d.backend();
-  t.equal(b.fencedObjects, 0, 'nothing fenced: librados settled the timed-out ops itself');
-  await drv.quit();
-  t.equal(await d.stop(), 0);
-});
-
 t.test('OSD paused until marked down, then resumed: the daemon works again as soon as a new client does', async (t) => {
-  // After the previous test's pause some placement groups took a while to
-  // serve even fresh clients (a `create` with a 5 s op_timeout timed out):
-  // create with the default op_timeout (30 s), and retry the first write.
+  // After an earlier pause some placement groups took a while to serve even
+  // fresh clients (a `create` with a 5 s op_timeout timed out): create with
+  // the default op_timeout (30 s), and retry the first write.
   await createVolume(ceph.url(), 'flap', '1M');
   const url = ceph.url({ op_timeout: 5 });
   const d = await startFaultDaemon(t, url);
@@ -209,6 +198,55 @@ t.test('OSD paused until marked down, then resumed: the daemon works again as so
   t.ok((await drv.request({ op: 'flush' })).ok);
   const status = await adminRequest(d.admin, { op: 'status' });
   t.match(status.ok && status.volumes, [{ name: 'flap', lock: 'owner' }], 'the lock is still ours', { status });
+  await drv.quit();
+  t.equal(await d.stop(), 0);
+});
+
+t.test('OSD paused past op_timeout: EIO in bounded time, success again after SIGCONT', async (t) => {
+  // op_timeout 3 s: the OSD stays paused about 7 s, mostly under the 9–10 s
+  // after which the mon marks a lone OSD down (`mon osd report timeout`;
+  // that case is the previous test). Last in this file: a placement group
+  // left stuck by this pause (clusterServes) then harms no other test.
+  const url = ceph.url({ op_timeout: 3 });
+  const id = await createVolume(url, 'pause', '1M');
+  const d = await startFaultDaemon(t, url);
+  t.equal((await d.backend()).timeoutMs, 8_000, 'the store URL\'s op_timeout (3 s) rules; the backstop is 5 s later');
+  const drv = await connect(t, d, 'pause');
+  t.ok((await write(drv, 0, pattern(1, BLOCK))).ok);
+  t.ok((await drv.request({ op: 'flush' })).ok);
+  const objects = await dataObjects(id);
+  t.ok(objects.length > 0, `the volume's data objects: ${objects.join(', ')}`);
+
+  await ceph.stopOsd(0, 'pause');
+  let resumed = false;
+  t.teardown(async () => { if (!resumed) await ceph.startOsd(0); });
+  let started = Date.now();
+  const w = await write(drv, 0, pattern(2, BLOCK));
+  let ms = Date.now() - started;
+  t.notOk(w.ok, 'the write fails');
+  t.equal(errnoName(w.errno), 'EIO', 'with EIO', { w });
+  t.ok(ms >= 2500 && ms < 7000, `after about op_timeout (${ms} ms), before the backstop`);
+  started = Date.now();
+  const r = await read(drv, 2 * BLOCK, BLOCK);
+  ms = Date.now() - started;
+  t.notOk(Buffer.isBuffer(r), 'a read fails too');
+  t.ok(ms < 7000, `in bounded time (${ms} ms)`);
+
+  await ceph.startOsd(0); // SIGCONT
+  resumed = true;
+  const fresh = await freshClientWrites(objects);
+  t.ok(fresh.ok, `a fresh client writes again (${fresh.ms} ms after SIGCONT)`);
+  if (!(await clusterServes(t, fresh))) {
+    await drv.quit().catch(() => undefined);
+    await d.stop();
+    return;
+  }
+  const ok = await writeUntilOk(drv, pattern(3, BLOCK), RECOVERY_MS);
+  t.ok(ok.ok, `then ours too, on the same connection (${ok.tries} tries, ${ok.ms} ms)`, { last: ok, log: d.stderr().slice(-8000) });
+  t.same(await read(drv, 0, BLOCK), pattern(3, BLOCK), 'the newest acknowledged write wins over the one that timed out');
+  t.ok((await drv.request({ op: 'flush' })).ok);
+  const b = await d.backend();
+  t.equal(b.fencedObjects, 0, 'nothing fenced: librados settled the timed-out ops itself');
   await drv.quit();
   t.equal(await d.stop(), 0);
 });
